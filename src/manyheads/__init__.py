@@ -1,0 +1,19 @@
+"""manyheads: train one network on many targets at once.
+
+import manyheads as mh
+net = mh.MultiHeadNet("mobilenet_v2", {"age": mh.Regression(), "gender": mh.Binary(["male", "female"])})
+result = mh.fit(net, df, losses={"age": "mae"}, weights={"gender": 5})
+"""
+
+from manyheads import datasets
+from manyheads.heads import Binary, Categorical, Head, MultiLabel, Ordinal, Regression
+from manyheads.net import MultiHeadNet, load
+from manyheads.result import TrainResult
+from manyheads.training import evaluate, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Binary", "Categorical", "Head", "MultiHeadNet", "MultiLabel", "Ordinal", "Regression", "TrainResult",
+    "datasets", "evaluate", "fit", "load",
+]  # fmt: skip

@@ -1,0 +1,265 @@
+"""Ready-made data sets: label tables for UTKFace, FairFace, any CSV, and generated shapes.
+
+Every loader returns a pandas DataFrame with an ``image`` column (an absolute path
+string, or for :func:`shapes` an RGB uint8 array) and one column per label.
+Rows that cannot be parsed are skipped with one warning and listed in
+``df.attrs["skipped"]``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+UTKFACE_GENDERS = ["male", "female"]
+UTKFACE_RACES = ["White", "Black", "Asian", "Indian", "Others"]
+FAIRFACE_AGES = [
+    "0-2",
+    "3-9",
+    "10-19",
+    "20-29",
+    "30-39",
+    "40-49",
+    "50-59",
+    "60-69",
+    "more than 70",
+]
+FAIRFACE_GENDERS = ["Male", "Female"]
+FAIRFACE_RACES = [
+    "White",
+    "Black",
+    "Latino_Hispanic",
+    "East Asian",
+    "Southeast Asian",
+    "Indian",
+    "Middle Eastern",
+]
+SHAPES = ["circle", "square", "triangle"]
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+_INT = re.compile(r"[0-9]+")
+
+
+def _warn_skipped(skipped: list[dict], what: str) -> None:
+    """Issue one warning that counts the skipped entries and shows up to three."""
+    if skipped:
+        examples = "; ".join(
+            f"{s.get('file', '')!r}: {s['reason']}" for s in skipped[:3]
+        )
+        warnings.warn(
+            f"skipped {len(skipped)} malformed {what} (see df.attrs['skipped']), e.g. {examples}",
+            stacklevel=3,
+        )
+
+
+def _parse_utkface_name(name: str) -> tuple[int, str, str] | str:
+    """Return (age, gender, race) for a UTKFace file name, or the reason it is malformed."""
+    parts = name.split(".")[0].split("_", 3)
+    if len(parts) < 4:
+        return f"missing field: {len(parts)} of 4 in age_gender_race_datetime"
+    age, gender, race = parts[:3]
+    for field, value in (("age", age), ("gender", gender), ("race", race)):
+        if not _INT.fullmatch(value):
+            return f"{field} {value!r} is not a non-negative integer"
+    if not 0 <= int(age) <= 120:
+        return f"age {age} is outside 0..120"
+    if int(gender) >= len(UTKFACE_GENDERS):
+        return f"gender {gender} is not 0 (male) or 1 (female)"
+    if int(race) >= len(UTKFACE_RACES):
+        return f"race {race} is not in 0..4"
+    return int(age), UTKFACE_GENDERS[int(gender)], UTKFACE_RACES[int(race)]
+
+
+def utkface(folder: str | os.PathLike, *, limit: int | None = None) -> pd.DataFrame:
+    """Read UTKFace labels from the image file names in ``folder``.
+
+    File names are ``{age}_{gender}_{race}_{datetime}.jpg`` (or ``.jpg.chip.jpg``
+    for the aligned-and-cropped release). Returns columns ``image`` (absolute path),
+    ``age`` (int64), ``gender`` (from UTKFACE_GENDERS) and ``race`` (from
+    UTKFACE_RACES), sorted by file name. Only *.jpg, *.jpeg and *.png files are
+    considered; subfolders are not searched. Malformed names are skipped with one
+    warning and listed in ``df.attrs["skipped"]`` as ``{"file", "reason"}`` dicts.
+    ``limit`` keeps ``limit`` evenly spaced rows of the sorted table, so a small
+    subset is deterministic and still spans all ages. Images are not opened.
+
+    Example: ``df = utkface("data/utkface", limit=1000)``
+    """
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"UTKFace folder not found: {root}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit}")
+    names = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+    rows, skipped = [], []
+    for name in names:
+        parsed = _parse_utkface_name(name)
+        if isinstance(parsed, str):
+            skipped.append({"file": name, "reason": parsed})
+        else:
+            rows.append((str(root / name), *parsed))
+    if not rows:
+        raise ValueError(
+            f"no valid UTKFace image in {root} ({len(names)} image files, {len(skipped)} "
+            "malformed; subfolders are not searched)"
+        )
+    _warn_skipped(skipped, "UTKFace file names")
+    df = pd.DataFrame(rows, columns=["image", "age", "gender", "race"]).astype(
+        {"age": "int64"}
+    )
+    if limit is not None and limit < len(df):
+        picks = np.linspace(0, len(df) - 1, limit).round().astype(int)
+        df = df.iloc[picks].reset_index(drop=True)
+    df.attrs["skipped"] = skipped
+    return df
+
+
+def fairface(
+    label_csv: str | os.PathLike, image_root: str | os.PathLike
+) -> pd.DataFrame:
+    """Read a FairFace label CSV (``file, age, gender, race[, service_test]``).
+
+    Returns columns ``image`` (absolute path ``image_root / file``), ``age``,
+    ``gender`` and ``race`` as label strings (from FAIRFACE_AGES, FAIRFACE_GENDERS,
+    FAIRFACE_RACES; ages are in order, ready for an ordinal head) and, when the CSV
+    has it, ``service_test`` as bool. Rows with an unknown value are skipped with
+    one warning and listed in ``df.attrs["skipped"]`` as ``{"line", "file", "reason"}``
+    dicts, where ``line`` is the CSV line number (the header is line 1).
+
+    Example: ``df = fairface("fairface_label_train.csv", "data/fairface")``
+    """
+    table = pd.read_csv(label_csv, dtype=str, keep_default_na=False)
+    required = ["file", "age", "gender", "race"]
+    if missing := [c for c in required if c not in table.columns]:
+        raise ValueError(
+            f"{label_csv}: missing column(s) {missing}; expected {required} (+ optional 'service_test'), "
+            f"found {list(table.columns)}"
+        )
+    table = table.apply(lambda col: col.str.strip())
+    allowed = {"age": FAIRFACE_AGES, "gender": FAIRFACE_GENDERS, "race": FAIRFACE_RACES}
+    flags = {"true": True, "1": True, "false": False, "0": False}
+    root = Path(image_root).expanduser().resolve()
+    has_service = "service_test" in table.columns
+    rows, skipped = [], []
+    for i, rec in enumerate(table.to_dict("records")):
+        reasons = [
+            f"{col} {rec[col]!r} is not one of {labels}"
+            for col, labels in allowed.items()
+            if rec[col] not in labels
+        ]
+        if not rec["file"]:
+            reasons.append("file is empty")
+        if has_service and rec["service_test"].lower() not in flags:
+            reasons.append(f"service_test {rec['service_test']!r} is not True/False")
+        if reasons:
+            skipped.append(
+                {"line": i + 2, "file": rec["file"], "reason": "; ".join(reasons)}
+            )
+            continue
+        row = {"image": os.path.abspath(root / rec["file"])} | {
+            c: rec[c] for c in allowed
+        }
+        if has_service:
+            row["service_test"] = flags[rec["service_test"].lower()]
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{label_csv}: no valid FairFace row ({len(skipped)} skipped)")
+    _warn_skipped(skipped, "FairFace rows")
+    df = pd.DataFrame(rows)
+    df.attrs["skipped"] = skipped
+    return df
+
+
+def from_csv(
+    csv: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    image_column: str = "image",
+) -> pd.DataFrame:
+    """Read any label table (CSV) whose ``image_column`` names image files.
+
+    Image paths are made absolute, relative to ``image_root`` (default: the CSV's
+    folder), and stored in a column named ``image``. Only empty cells become
+    missing (NaN), meaning 'not labelled for this head'; text such as ``NA`` is
+    kept as is. Files are not checked here: the image loader reports bad ones.
+
+    Example: ``df = from_csv("labels.csv", "photos/", image_column="path")``
+    """
+    csv = Path(csv)
+    table = pd.read_csv(
+        csv, dtype={image_column: str}, keep_default_na=False, na_values=[""]
+    )
+    if image_column not in table.columns:
+        raise ValueError(
+            f"{csv}: no image column {image_column!r}; columns are {list(table.columns)}"
+        )
+    if image_column != "image" and "image" in table.columns:
+        raise ValueError(
+            f"{csv}: has both {image_column!r} and 'image' columns; rename one"
+        )
+    empty = table.index[table[image_column].isna()]
+    if len(empty):
+        lines = ", ".join(str(i + 2) for i in empty[:10])
+        raise ValueError(
+            f"{csv}: {len(empty)} row(s) have no image (CSV lines {lines})"
+        )
+    root = Path(image_root) if image_root is not None else csv.parent
+    root = root.expanduser().resolve()
+    table[image_column] = [os.path.abspath(root / p) for p in table[image_column]]
+    return table.rename(columns={image_column: "image"})
+
+
+def _distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Signed distance-like field: <= 0 inside the shape of radius ``r`` centred at 0."""
+    if shape == "circle":
+        return np.hypot(dx, dy) - r
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) - r
+    # Equilateral triangle pointing up, circumradius r (inradius r / 2).
+    c, s = np.sqrt(3) / 2, 0.5
+    return np.maximum.reduce([dy, -c * dx - s * dy, c * dx - s * dy]) - r / 2
+
+
+def shapes(n: int = 512, *, size: int = 64, seed: int = 0) -> pd.DataFrame:
+    """Generate ``n`` RGB images of one bright shape each, on a dark noisy background.
+
+    Columns: ``image`` (uint8 array, size x size x 3), ``size`` (float: the shape's
+    radius, half-side or triangle circumradius in pixels, 0.15..0.45 of ``size``; a
+    regression target), ``filled`` (bool: filled or hollow outline; binary) and
+    ``shape`` (one of SHAPES; categorical). Shapes and fill are balanced, position
+    and colour random; the same ``seed`` gives the same data. Learnable from pixels
+    by a small CNN, so the whole flow can be tried without downloading anything.
+
+    Example: ``df = shapes(256, size=32, seed=1)``
+    """
+    if n < 1 or size < 16:
+        raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
+    rng = np.random.default_rng(seed)
+    kinds = rng.permutation(np.arange(n) % len(SHAPES))
+    filled = rng.permutation(np.arange(n) % 2 == 0)
+    radii = rng.uniform(0.15, 0.45, n) * size
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    images = []
+    for kind, fill, r in zip(kinds, filled, radii):
+        cx, cy = rng.uniform(r, size - r, 2)
+        d = _distance(SHAPES[kind], xs - cx, ys - cy, r)
+        mask = d <= 0 if fill else (d <= 0) & (d > -max(1.5, r / 5))
+        image = rng.integers(0, 50, (size, size, 3), dtype=np.uint8)
+        image[mask] = rng.integers(140, 256, 3, dtype=np.uint8)
+        images.append(image)
+    return pd.DataFrame(
+        {
+            "image": pd.Series(images, dtype=object),
+            "size": radii,
+            "filled": filled,
+            "shape": [SHAPES[k] for k in kinds],
+        }
+    )

@@ -1,0 +1,192 @@
+"""MultiHeadNet: a shared trunk with one layer per named head; predict, save and load.
+
+net = mh.MultiHeadNet("mobilenet_v2", heads, pretrained=True)
+net = mh.MultiHeadNet(my_trunk, {"age": mh.Regression(), "gender": mh.Binary()})
+net.save("faces.safetensors"); net = mh.load("faces.safetensors")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from manyheads import backbones
+from manyheads.heads import Head, HeadLayer, head_from_spec
+
+FORMAT = "manyheads/1"
+
+
+class MultiHeadNet(nn.Module):
+    """A trunk mapping inputs to [B, D] features, and one head layer per entry of ``heads``.
+
+    ``trunk`` is an ``nn.Module`` or a backbone name (see :func:`manyheads.backbones.available`).
+    ``forward`` returns a dict head name -> raw output (logits for classification heads).
+    With ``outputs_dict=True`` the trunk itself returns that dict (a whole multi-output module).
+    """
+
+    def __init__(
+        self,
+        trunk: nn.Module | str,
+        heads: Mapping[str, Head],
+        *,
+        pretrained: bool | str = False,
+        image_size: int | None = None,
+        dropout: float = 0.0,
+        outputs_dict: bool = False,
+    ) -> None:
+        super().__init__()
+        if not heads:
+            raise ValueError("a MultiHeadNet needs at least one head")
+        bad = [name for name, head in heads.items() if not isinstance(head, Head)]
+        if bad:
+            raise ValueError(f"heads {bad} are not head kinds (mh.Regression(), mh.Binary(), ...)")
+        self.heads = dict(heads)
+        self.backbone = trunk if isinstance(trunk, str) else None
+        self.image_size = image_size or (128 if self.backbone else None)
+        self.outputs_dict = outputs_dict
+        self.dropout = dropout
+        if self.backbone:
+            trunk, features = backbones.create(self.backbone, pretrained)
+        else:
+            features = None
+        self.trunk = trunk
+        self.head_layers = nn.ModuleDict()
+        if not outputs_dict:
+            for name, head in self.heads.items():
+                self.head_layers[name] = HeadLayer(head, features)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's shared features [B, D]."""
+        return self.trunk(x)
+
+    def head_outputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each head layer applied to shared features."""
+        features = self.drop(features)
+        return {name: layer(features) for name, layer in self.head_layers.items()}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.outputs_dict:
+            outputs = self.trunk(x)
+            if not isinstance(outputs, Mapping) or set(outputs) < set(self.heads):
+                found = sorted(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
+                raise ValueError(f"the module must return a dict with the heads {sorted(self.heads)}; got {found}")
+            return {name: outputs[name] for name in self.heads}
+        return self.head_outputs(self.features(x))
+
+    # ---- inference ----------------------------------------------------------------------
+
+    def prepare(self, inputs: Any) -> torch.Tensor:
+        """Inputs as the float batch the net takes: images are decoded, resized and normalised."""
+        from manyheads import images
+
+        if isinstance(inputs, str | Path) or images.looks_like_images([inputs]):
+            inputs = [inputs]
+        if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
+            return inputs
+        if self.image_size is not None and images.looks_like_images(inputs):
+            batch = torch.stack([images.load_rgb(item, self.image_size) for item in inputs])
+            return images.normalize(batch)
+        return torch.as_tensor(np.asarray(inputs, dtype=np.float32))
+
+    @torch.no_grad()
+    def _raw(self, inputs: Any, batch_size: int) -> dict[str, torch.Tensor]:
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        x = self.prepare(inputs)
+        chunks = [self(x[i : i + batch_size].to(device)) for i in range(0, x.shape[0], batch_size)]
+        self.train(was_training)
+        return {name: torch.cat([c[name].float().cpu() for c in chunks]) for name in self.heads}
+
+    def predict(self, inputs: Any, *, batch_size: int = 256) -> dict[str, list]:
+        """Decoded predictions per head: floats for regression, label names for classifiers.
+
+        net.predict(["face1.jpg", "face2.jpg"])  # {"age": [31.2, 8.9], "gender": [...], ...}
+        """
+        raw = self._raw(inputs, batch_size)
+        return {name: head.decode(raw[name]) for name, head in self.heads.items()}
+
+    def predict_proba(self, inputs: Any, *, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Per-class probabilities [N, k] for every classification head (columns follow labels)."""
+        raw = self._raw(inputs, batch_size)
+        probabilities = {name: head.proba(raw[name]) for name, head in self.heads.items()}
+        return {name: p.numpy() for name, p in probabilities.items() if p is not None}
+
+    # ---- files ---------------------------------------------------------------------------
+
+    def spec(self) -> dict:
+        """Everything but the weights that is needed to rebuild this net."""
+        return {
+            "format": FORMAT,
+            "heads": {name: head.spec() for name, head in self.heads.items()},
+            "backbone": self.backbone,
+            "image_size": self.image_size,
+            "dropout": self.dropout,
+            "outputs_dict": self.outputs_dict,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write weights and head spec to one safetensors file (no pickled code), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"manyheads": json.dumps(self.spec())})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+
+def read_spec(path: str | os.PathLike) -> dict:
+    """The spec stored in a model file, without loading weights."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            meta = file.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a manyheads model file ({error})") from None
+    if "manyheads" not in meta:
+        raise ValueError(f"{path}: a safetensors file without a manyheads spec")
+    return json.loads(meta["manyheads"])
+
+
+def load(path: str | os.PathLike, *, trunk: nn.Module | None = None, device: str | None = None) -> MultiHeadNet:
+    """Load a net saved with :meth:`MultiHeadNet.save`; nothing in the file is executed.
+
+    Nets built on a custom trunk need that trunk's (untrained) module passed as ``trunk``.
+
+        net = mh.load("faces.safetensors")
+    """
+    from safetensors.torch import load_file
+
+    spec = read_spec(path)
+    heads = {name: head_from_spec(h) for name, h in spec["heads"].items()}
+    if spec["backbone"] is None and trunk is None:
+        raise ValueError(f"{path} was built on a custom trunk; pass it: mh.load(path, trunk=MyTrunk())")
+    net = MultiHeadNet(
+        spec["backbone"] or trunk,
+        heads,
+        image_size=spec["image_size"],
+        dropout=spec.get("dropout", 0.0),
+        outputs_dict=spec.get("outputs_dict", False),
+    )
+    state = load_file(str(path))
+    net.load_state_dict(state)
+    if device:
+        net.to(device)
+    return net.eval()
