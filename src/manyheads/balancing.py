@@ -44,7 +44,8 @@ class Balancer(nn.Module):
 
     def objective(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         losses = self.scaled(losses)
-        return sum(self.base[name] * losses[name] for name in self.heads)
+        # A head weighted 0 is left out, so its layer gets no gradient (and no weight decay).
+        return sum(self.base[name] * losses[name] for name in self.heads if self.base[name] != 0)
 
     def backward(
         self,

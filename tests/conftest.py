@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import manyheads as mh
+
+RACES = ["a", "b", "c"]
+
+
+def make_table(n: int = 600, seed: int = 0, missing_age: int = 0) -> dict:
+    """Synthetic rows whose every target depends on the inputs: age, gender and race heads."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    age = (40 + 15 * x[:, 0] + rng.normal(size=n)).astype(object)
+    if missing_age:
+        age[:missing_age] = None
+    gender = np.where(x[:, 1] > 0, "female", "male")
+    race = np.array(RACES)[np.argmax(x[:, 2:5], axis=1)]
+    return {"x": x, "age": list(age), "gender": list(gender), "race": list(race)}
+
+
+def make_heads() -> dict:
+    return {"age": mh.Regression(), "gender": mh.Binary(["male", "female"]), "race": mh.Categorical(RACES)}
+
+
+def make_net(seed: int = 0, heads: dict | None = None) -> mh.MultiHeadNet:
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+    return mh.MultiHeadNet(trunk, heads or make_heads())
+
+
+@pytest.fixture
+def table():
+    return make_table()

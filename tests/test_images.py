@@ -1,0 +1,356 @@
+import io
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from manyheads import images
+from manyheads.images import (
+    Augment,
+    BadImageError,
+    BadItem,
+    build_cache,
+    load_rgb,
+    looks_like_images,
+    normalize,
+)
+
+
+def picture(h=40, w=60, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def save(path, array, **kw):
+    Image.fromarray(array).save(path, **kw)
+    return path
+
+
+def count_decodes(monkeypatch):
+    calls = []
+    real = images._decode
+
+    def counting(item, size, source=None):
+        calls.append(item)
+        return real(item, size, source)
+
+    monkeypatch.setattr(images, "_decode", counting)
+    return calls
+
+
+# ---- load_rgb -------------------------------------------------------------------------------
+
+
+def test_every_input_form_gives_the_same_pixels(tmp_path):
+    a = picture()
+    expected = load_rgb(Image.fromarray(a), 32)
+    assert expected.dtype == torch.uint8 and expected.shape == (3, 32, 32)
+    png = save(tmp_path / "a.png", a)
+    forms = [a, a.transpose(2, 0, 1), torch.from_numpy(a).permute(2, 0, 1), torch.from_numpy(a), png, str(png)]
+    for form in forms:
+        assert torch.equal(load_rgb(form, 32), expected), type(form)
+    assert torch.equal(load_rgb(a.astype(np.float32) / 255, 32), expected)
+
+
+def test_same_size_is_exact_and_resize_keeps_the_centre():
+    a = picture(32, 32)
+    assert torch.equal(load_rgb(a, 32), torch.from_numpy(a).permute(2, 0, 1))
+    wide = np.zeros((50, 150, 3), np.uint8)
+    wide[:, :50, 0] = 255  # red | green | blue thirds: the centre crop is the green one
+    wide[:, 50:100, 1] = 255
+    wide[:, 100:, 2] = 255
+    out = load_rgb(wide, 20)
+    assert out.shape == (3, 20, 20)
+    assert (out[1, :, 2:-2] == 255).all() and (out[0, :, 2:-2] == 0).all() and (out[2, :, 2:-2] == 0).all()
+    assert load_rgb(picture(10, 7), 24).shape == (3, 24, 24)  # upsampling works too
+
+
+def test_modes_become_rgb(tmp_path):
+    a = picture()
+    gray = load_rgb(a[:, :, 0], 16)
+    assert gray.shape == (3, 16, 16) and torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    assert torch.equal(load_rgb(torch.from_numpy(a[:, :, :1]).permute(2, 0, 1), 16), gray)
+    rgba = np.concatenate([a, np.full((40, 60, 1), 7, np.uint8)], axis=2)
+    assert torch.equal(load_rgb(rgba, 16), load_rgb(a, 16))  # alpha is dropped
+    cmyk = Image.fromarray(a).convert("CMYK")
+    assert torch.equal(load_rgb(cmyk, 16), load_rgb(cmyk.convert("RGB"), 16))
+    pal = Image.fromarray(a).convert("P")
+    assert torch.equal(load_rgb(pal, 16), load_rgb(pal.convert("RGB"), 16))
+    cmyk.save(tmp_path / "c.jpg")
+    assert load_rgb(tmp_path / "c.jpg", 16).shape == (3, 16, 16)
+
+
+def test_jpeg_draft_decodes_close_to_full_decode(tmp_path):
+    y, x = np.mgrid[0:600, 0:800]
+    a = np.stack([x * 255 // 800, y * 255 // 600, (x + y) * 255 // 1400], axis=2).astype(np.uint8)
+    path = save(tmp_path / "big.jpg", a, quality=95)
+    with Image.open(path) as full:
+        reference = load_rgb(full.convert("RGB"), 64).float()
+    assert (load_rgb(path, 64).float() - reference).abs().mean() < 2
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    a = np.zeros((32, 32, 3), np.uint8)
+    a[:, 16:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotate 180
+    path = tmp_path / "r.jpg"
+    Image.fromarray(a).save(path, exif=exif, quality=95)
+    out = load_rgb(path, 32).float()
+    assert out[:, :, :12].mean() > 240 and out[:, :, 20:].mean() < 15
+
+
+def bad_cases(tmp_path):
+    good = io.BytesIO()
+    Image.fromarray(picture(64, 64)).save(good, "JPEG")
+    (tmp_path / "half.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello, not a picture")
+    return {
+        tmp_path / "half.jpg": "truncated JPEG",
+        tmp_path / "empty.jpg": "zero-byte file",
+        tmp_path / "missing.jpg": "file not found",
+        tmp_path / "text.jpg": "not an image",
+    }
+
+
+def test_bad_files_raise_naming_the_file(tmp_path):
+    for path, reason in bad_cases(tmp_path).items():
+        with pytest.raises(BadImageError) as info:
+            load_rgb(path, 32)
+        assert info.value.source == str(path) and info.value.reason == reason
+        assert str(info.value) == f"{path}: {reason}"
+        assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "array, words",
+    [
+        (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+        (np.full((8, 8, 3), np.inf), "NaN or inf"),
+        (np.full((8, 8, 3), 2.0), "[0, 1]"),
+        (np.zeros((8, 8, 3), np.int16), "uint8"),
+        (np.zeros((5,), np.uint8), "expected shape"),
+        (np.zeros((8, 8, 2), np.uint8), "expected shape"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "expected shape"),
+    ],
+)
+def test_bad_arrays_say_what_was_expected(array, words):
+    with pytest.raises(BadImageError, match=words.replace("[", r"\[")):
+        load_rgb(array, 8)
+
+
+# ---- build_cache ----------------------------------------------------------------------------
+
+
+def test_build_cache_error_and_skip(tmp_path):
+    bad = bad_cases(tmp_path)
+    good = [save(tmp_path / f"g{i}.png", picture(seed=i)) for i in range(2)]
+    items = [good[0], tmp_path / "missing.jpg", good[1], tmp_path / "half.jpg", picture(seed=5), None]
+    with pytest.raises(BadImageError, match="missing.jpg: file not found.*on_bad='skip'"):
+        build_cache(items, 16, workers=1, progress=False)
+    cache = build_cache(items, 16, workers=1, progress=False, on_bad="skip")
+    assert cache.kept.tolist() == [0, 2, 4] and cache.images.shape == (3, 3, 16, 16)
+    assert cache.bad == [
+        BadItem(1, str(tmp_path / "missing.jpg"), bad[tmp_path / "missing.jpg"]),
+        BadItem(3, str(tmp_path / "half.jpg"), "truncated JPEG"),
+        BadItem(5, "item 5", "missing value"),
+    ]
+    for row, index in enumerate(cache.kept.tolist()):
+        assert torch.equal(cache.images[row], load_rgb(items[index], 16))
+
+
+def test_process_pool_matches_in_process(tmp_path):
+    items = [str(save(tmp_path / f"{i}.png", picture(12, 10, seed=i))) for i in range(70)]
+    items[10] = str(tmp_path / "nope.png")
+    items[50] = str(tmp_path / "empty.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    serial = build_cache(items, 8, workers=1, progress=False, on_bad="skip")
+    pooled = build_cache(items, 8, workers=2, progress=False, on_bad="skip")
+    assert torch.equal(serial.images, pooled.images) and torch.equal(serial.kept, pooled.kept)
+    assert [b.index for b in pooled.bad] == [10, 50] and pooled.bad == serial.bad
+    with pytest.raises(BadImageError, match="on_bad='skip'"):
+        build_cache(items, 8, workers=2, progress=False)
+
+
+def make_files(tmp_path, n=4):
+    return [save(tmp_path / f"f{i}.png", picture(20, 20, seed=i)) for i in range(n)]
+
+
+def test_cache_is_reused_without_decoding(tmp_path, monkeypatch):
+    files = make_files(tmp_path)
+    items = files + [tmp_path / "missing.png"]
+    first = build_cache(items, 16, cache_dir=tmp_path / "c", workers=1, progress=False, on_bad="skip")
+    calls = count_decodes(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's warning about non-writable numpy arrays
+        second = build_cache(items, 16, cache_dir=tmp_path / "c", workers=1, progress=False, on_bad="skip")
+    assert calls == []
+    assert torch.equal(first.images, second.images) and torch.equal(second.kept, torch.tensor([0, 1, 2, 3]))
+    assert second.bad == first.bad == [BadItem(4, str(tmp_path / "missing.png"), "file not found")]
+    second.images[0] += 1  # copy-on-write: the file keeps the decoded pixels
+    assert torch.equal(
+        build_cache(items, 16, cache_dir=tmp_path / "c", progress=False, on_bad="skip").images, first.images
+    )
+    assert sorted(p.suffix for p in (tmp_path / "c").iterdir()) == [".json", ".npy"]
+
+
+@pytest.mark.parametrize("change", ["mtime", "content", "list", "size"])
+def test_cache_rebuilds_on_change(tmp_path, monkeypatch, change):
+    files = make_files(tmp_path)
+    size = 16
+    build_cache(files, size, cache_dir=tmp_path / "c", workers=1, progress=False)
+    if change == "mtime":
+        st = os.stat(files[1])
+        os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    elif change == "content":
+        save(files[1], picture(20, 20, seed=99))
+    elif change == "list":
+        files = files[:3]
+    else:
+        size = 12
+    calls = count_decodes(monkeypatch)
+    cache = build_cache(files, size, cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert len(calls) == len(files)
+    assert torch.equal(cache.images, torch.stack([load_rgb(f, size) for f in files]))
+
+
+def test_interrupted_build_leaves_no_valid_cache(tmp_path, monkeypatch):
+    files = make_files(tmp_path)
+    real = images._decode
+
+    def dies_on_third(item, size, source=None):
+        if str(item) == str(files[2]):
+            raise KeyboardInterrupt
+        return real(item, size, source)
+
+    monkeypatch.setattr(images, "_decode", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(files, 16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert list((tmp_path / "c").iterdir()) == []  # temp files removed, nothing final written
+    monkeypatch.setattr(images, "_decode", real)
+
+    # A killed process leaves temp files behind, and a torn final file must not be trusted either.
+    expected = build_cache(files, 16, cache_dir=tmp_path / "c", workers=1, progress=False).images.clone()
+    npy = next((tmp_path / "c").glob("*.npy"))
+    (tmp_path / "c" / f"{npy.name}.123-abc.tmp").write_bytes(npy.read_bytes()[:500])
+    npy.write_bytes(npy.read_bytes()[:1000])
+    calls = count_decodes(monkeypatch)
+    again = build_cache(files, 16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    assert len(calls) == 4 and torch.equal(again.images, expected)
+
+
+def test_cache_dir_needs_paths(tmp_path):
+    with pytest.raises(ValueError, match="file path"):
+        build_cache([picture()], 16, cache_dir=tmp_path, progress=False)
+
+
+# ---- Augment / normalize --------------------------------------------------------------------
+
+
+def batch(b=64, h=24, w=24, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (b, 3, h, w), dtype=np.uint8))
+
+
+def forbid_grid_sample(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("grid_sample called")
+
+    monkeypatch.setattr(torch.nn.functional, "grid_sample", boom)
+
+
+def test_augment_identity_is_exact(monkeypatch):
+    forbid_grid_sample(monkeypatch)
+    x = batch()
+    out = Augment(crop_scale=None, flip=False, jitter=0)(x, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and torch.equal(out, x.float() / 255)
+
+
+def test_flip_only_mirrors_about_half(monkeypatch):
+    forbid_grid_sample(monkeypatch)
+    x = batch().float() / 255
+    out = Augment(crop_scale=None, flip=True, jitter=0)(x, torch.Generator().manual_seed(1))
+    same = (out == x).flatten(1).all(1)
+    mirrored = (out == x.flip(-1)).flatten(1).all(1)
+    assert (same ^ mirrored).all()
+    assert 20 <= mirrored.sum() <= 44
+
+
+def test_affine_flip_without_crop_change_is_a_mirror():
+    x = batch(16)
+    out = Augment(crop_scale=(1.0, 1.0), ratio=(1, 1), translate=0, flip=True, jitter=0)(x)
+    ref = x.float() / 255
+    same = (out - ref).abs().flatten(1).amax(1) < 1e-5
+    mirrored = (out - ref.flip(-1)).abs().flatten(1).amax(1) < 1e-5
+    assert (same | mirrored).all() and mirrored.any() and same.any()
+
+
+def test_crop_zooms_in():
+    ramp = torch.linspace(0, 1, 64).expand(8, 3, 64, 64).contiguous()
+    out = Augment(crop_scale=(0.25, 0.25), ratio=(1, 1), translate=0, flip=False, jitter=0)(ramp)
+    span = out[:, 0, 32, -1] - out[:, 0, 32, 0]
+    assert torch.allclose(span, torch.full((8,), 0.5), atol=0.03)
+
+
+def test_jitter_scales_brightness_per_sample():
+    gray = torch.full((32, 3, 8, 8), 100, dtype=torch.uint8)
+    out = Augment(crop_scale=None, flip=False, jitter=0.5)(gray, torch.Generator().manual_seed(0))
+    per_image = out.flatten(1)
+    assert torch.allclose(per_image, per_image[:, :1].expand_as(per_image), atol=1e-6)  # each stays flat
+    levels = per_image[:, 0] * 255 / 100
+    assert levels.min() >= 0.5 - 1e-5 and levels.max() <= 1.5 + 1e-5 and levels.std() > 0.1
+
+
+def test_augment_in_range_and_deterministic():
+    x = batch(16)
+    aug = Augment()
+    a = aug(x, torch.Generator().manual_seed(3))
+    b = aug(x, torch.Generator().manual_seed(3))
+    c = aug(x, torch.Generator().manual_seed(4))
+    assert a.shape == (16, 3, 24, 24) and a.dtype == torch.float32
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.allclose(a, x.float() / 255, atol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_augment_on_cuda():
+    x = batch(8).cuda()
+    a = Augment()(x, torch.Generator(device="cuda").manual_seed(0))
+    assert a.is_cuda and a.shape == x.shape and 0 <= a.min() <= a.max() <= 1
+    assert normalize(a).is_cuda
+
+
+def test_normalize_matches_torchvision():
+    x = batch(4)
+    expected = TF.normalize(x.float() / 255, images.IMAGENET_MEAN, images.IMAGENET_STD)
+    assert torch.allclose(normalize(x), expected, atol=1e-6)
+    assert torch.allclose(normalize(x.float() / 255, (0.5,) * 3, (0.25,) * 3), (x.float() / 255 - 0.5) / 0.25)
+    assert isinstance(images.IMAGENET_MEAN, tuple) and isinstance(images.IMAGENET_STD, tuple)
+
+
+# ---- looks_like_images ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "column, expected",
+    [
+        ([None, "faces/a.JPG", "b.png"], True),
+        ([float("nan"), "x.webp"], True),
+        ([Image.new("RGB", (4, 4))], True),
+        ([np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.uint8)], True),
+        (torch.zeros(5, 3, 8, 8, dtype=torch.uint8), True),
+        ([np.zeros(10, np.float32)], False),
+        ([np.zeros((8, 8, 3), np.float32)], False),
+        (np.zeros((5, 10), np.uint8), False),
+        (["a", "b.txt"], False),
+        ([1.5, 2.0], False),
+        ([None, None], False),
+        ([], False),
+    ],
+)
+def test_looks_like_images(column, expected):
+    assert looks_like_images(column) is expected

@@ -1,0 +1,163 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_heads, make_net, make_table
+from torch import nn
+
+import manyheads as mh
+from manyheads.losses import resolve
+
+FAST = {"epochs": 8, "batch_size": 64, "lr": 3e-3, "seed": 0, "progress": False}
+
+
+def test_joint_training_beats_constant_predictors(table):
+    result = mh.fit(make_net(), table, validation=0.25, losses={"age": "mae"}, weights={"gender": 5}, **FAST)
+    last = result.history.iloc[-1]
+    ages = np.array([a for a in table["age"]], dtype=float)
+    constant_mae = np.abs(ages - np.median(ages)).mean()
+    assert last["val/age/mae"] < 0.5 * constant_mae
+    assert last["val/gender/accuracy"] > 0.75  # classes are balanced: constant gets ~0.5
+    assert last["val/race/accuracy"] > 0.6  # three balanced classes: constant gets ~0.33
+    assert result.losses["age"].name == "mae" and result.losses["gender"].weight == 5
+    for column in ("train/age/loss", "val/race/accuracy", "val/total/loss", "train/gender/labels", "weight/gender"):
+        assert column in result.history
+
+
+def test_history_counts_labels_per_head():
+    table = make_table(n=400, missing_age=100)
+    result = mh.fit(make_net(), table, epochs=1, seed=0, progress=False)
+    assert result.history["train/age/labels"].iloc[0] == 300
+    assert result.history["train/race/labels"].iloc[0] == 400
+
+
+def test_zero_weight_leaves_a_head_untrained_while_others_learn(table):
+    net = make_net()
+    net(torch.as_tensor(table["x"][:2]))  # materialise the lazy head layers
+    before = {k: v.clone() for k, v in net.head_layers["race"].state_dict().items()}
+    result = mh.fit(net, table, weights={"race": 0}, **FAST)
+    after = net.head_layers["race"].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert result.history["train/gender/accuracy"].iloc[-1] > 0.85
+
+
+def test_custom_callable_loss_is_used(table):
+    calls = []
+
+    def halved_mae(output, target):
+        calls.append(output.shape[0])
+        return (output - target).abs() / 2
+
+    result = mh.fit(make_net(), table, losses={"age": halved_mae}, epochs=1, seed=0, progress=False)
+    assert calls and sum(calls) == len(table["age"])
+    assert "halved_mae" in repr(result.losses)
+
+
+def test_rows_missing_a_label_do_not_change_that_heads_gradient():
+    table = make_table(n=64, missing_age=24)
+    heads = make_heads()
+    resolved = resolve(heads, {"age": "mae"})
+    from manyheads.data import encode
+
+    data = encode(table, heads, "x")
+    resolved["age"].scale = 10.0
+
+    def age_grad(rows):
+        net = make_net(seed=1)
+        net(data.inputs[:2])
+        loss = resolved["age"](net(data.inputs[rows])["age"], data.targets["age"][rows], data.labelled["age"][rows])
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+    labelled_only = torch.arange(24, 64)
+    everything = torch.arange(64)
+    assert torch.allclose(age_grad(labelled_only), age_grad(everything), atol=1e-6)
+
+
+def test_a_batch_without_labels_for_a_head_adds_nothing():
+    table = make_table(n=128)
+    table["age"] = [None] * 64 + table["age"][64:]
+    result = mh.fit(make_net(), table, batch_size=64, epochs=1, seed=0, progress=False)
+    assert np.isfinite(result.history["train/total/loss"]).all()
+
+
+def test_save_and_load_predict_identically(tmp_path, table):
+    result = mh.fit(make_net(), table, epochs=2, seed=0, progress=False)
+    path = result.net.save(tmp_path / "net.safetensors")
+    trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+    loaded = mh.load(path, trunk=trunk)
+    x = np.asarray(table["x"][:50])
+    assert loaded.predict(x) == result.net.predict(x)
+    for head, p in result.net.predict_proba(x).items():
+        assert np.array_equal(p, loaded.predict_proba(x)[head])
+    with pytest.raises(ValueError, match="custom trunk; pass it"):
+        mh.load(path)
+
+
+def test_netgraph_route_with_a_dict_returning_module(table):
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+            self.age, self.gender = nn.Linear(32, 1), nn.Linear(32, 1)
+
+        def forward(self, x):
+            h = self.body(x)
+            return {"age": self.age(h), "gender": self.gender(h)}
+
+    data = {k: table[k] for k in ("x", "age", "gender")}
+    result = mh.fit(TwoOutputs(), data, heads={"age": mh.Regression(), "gender": mh.Binary(["male", "female"])}, **FAST)
+    assert result.history["train/gender/accuracy"].iloc[-1] > 0.8
+    assert set(result.net.predict(np.asarray(table["x"][:3]))) == {"age", "gender"}
+
+
+def test_dataframe_and_dataset_inputs(table):
+    df = pd.DataFrame({"x": list(table["x"]), **{k: table[k] for k in ("age", "gender", "race")}})
+    assert len(mh.fit(make_net(), df, epochs=1, seed=0, progress=False).history) == 1
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, i):
+            return {k: table[k][i] for k in ("x", "age", "gender", "race")}
+
+    result = mh.fit(make_net(), Rows(), validation=Rows(), epochs=1, seed=0, progress=False)
+    assert result.history["val/race/labels"].iloc[0] == 100
+
+
+def test_seeded_runs_are_reproducible(table):
+    a = mh.fit(make_net(), table, epochs=2, seed=3, progress=False).history
+    b = mh.fit(make_net(), table, epochs=2, seed=3, progress=False).history
+    pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"))
+
+
+def test_best_epoch_net_is_returned(table):
+    result = mh.fit(make_net(), table, validation=0.25, **FAST)
+    best = result.history["val/total/loss"].idxmin() + 1
+    assert result.best_epoch == best
+
+
+@pytest.mark.parametrize(
+    "change, kwargs, message",
+    [
+        (lambda t: t, {"losses": {"height": "mse"}}, "losses names heads"),
+        (lambda t: t, {"weights": {"height": 2}}, "weights names heads"),
+        (lambda t: {k: v for k, v in t.items() if k != "race"}, {}, r"heads \['race'\] have no target column"),
+        (lambda t: {**t, "race": ["zebra"] + t["race"][1:]}, {}, "head 'race', column 'race', row 0: 'zebra'"),
+        (lambda t: {**t, "age": ["old"] + t["age"][1:]}, {}, "head 'age', column 'age', row 0: regression target"),
+        (lambda t: t, {"losses": {"age": lambda o, t: o.sum(dim=0, keepdim=True).expand(3)}}, "returned shape"),
+        (lambda t: {**t, "extra": t["x"]}, {}, "cannot tell the input column"),
+        (lambda t: t, {"optimizer": "lion"}, "unknown optimizer 'lion'"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(table, change, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mh.fit(make_net(), change(table), epochs=1, progress=False, **kwargs)
+
+
+def test_optimizer_class_and_schedules(table):
+    result = mh.fit(
+        make_net(), table, optimizer=torch.optim.SGD, lr=0.05, schedule="onecycle", epochs=2, progress=False
+    )
+    assert result.history["lr"].iloc[-1] < 0.05 * 0.01  # annealed to about zero
