@@ -94,9 +94,7 @@ def test_utkface_clean_folder_does_not_warn(tmp_path, recwarn):
 
 
 def test_utkface_limit_is_evenly_spaced(tmp_path):
-    touch(
-        tmp_path, *(f"{age}_0_0_x.jpg" for age in range(10, 30))
-    )  # sorted: ages 10..29
+    touch(tmp_path, *(f"{age}_0_0_x.jpg" for age in range(10, 30)))  # sorted: ages 10..29
     df = utkface(tmp_path, limit=5)
     assert df["age"].tolist() == [10, 15, 20, 24, 29]
     assert df.index.tolist() == list(range(5))
@@ -116,9 +114,7 @@ def test_utkface_no_valid_image(tmp_path):
         utkface(tmp_path)
 
 
-@pytest.mark.skipif(
-    not REAL_UTKFACE.is_dir(), reason=f"real UTKFace not found at {REAL_UTKFACE}"
-)
+@pytest.mark.skipif(not REAL_UTKFACE.is_dir(), reason=f"real UTKFace not found at {REAL_UTKFACE}")
 def test_utkface_real_folder():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -127,17 +123,13 @@ def test_utkface_real_folder():
     assert df["age"].between(1, 116).all()
     assert set(df["gender"]) == set(UTKFACE_GENDERS)
     assert set(df["race"]) == set(UTKFACE_RACES)
-    assert (
-        df["image"].is_unique and df["image"].map(lambda p: Path(p).is_absolute()).all()
-    )
+    assert df["image"].is_unique and df["image"].map(lambda p: Path(p).is_absolute()).all()
     skipped = df.attrs["skipped"]
     assert len(df) + len(skipped) == len(list(REAL_UTKFACE.glob("*.jpg")))
     assert all(s["file"] and s["reason"] for s in skipped)
     messages = [str(w.message) for w in caught]
     if skipped:
-        assert len(messages) == 1 and messages[0].startswith(
-            f"skipped {len(skipped)} malformed"
-        )
+        assert len(messages) == 1 and messages[0].startswith(f"skipped {len(skipped)} malformed")
     else:
         assert messages == []
 
@@ -160,9 +152,7 @@ def test_fairface_parses_and_skips_bad_rows(tmp_path):
     with pytest.warns(UserWarning, match="skipped 3 malformed FairFace rows"):
         df = fairface(csv, tmp_path / "images")
     assert list(df.columns) == ["image", "age", "gender", "race", "service_test"]
-    assert df["image"].tolist() == [
-        str(tmp_path.resolve() / "images/train" / f"{i}.jpg") for i in (1, 2, 6)
-    ]
+    assert df["image"].tolist() == [str(tmp_path.resolve() / "images/train" / f"{i}.jpg") for i in (1, 2, 6)]
     assert df["age"].tolist() == ["50-59", "more than 70", "20-29"]
     assert set(df["age"]) <= set(FAIRFACE_AGES)
     assert df["gender"].tolist() == ["Male", "Female", "Female"]
@@ -184,9 +174,7 @@ def test_fairface_parses_and_skips_bad_rows(tmp_path):
 def test_fairface_missing_column(tmp_path):
     csv = tmp_path / "labels.csv"
     csv.write_text("file,age,race\ntrain/1.jpg,0-2,White\n")
-    with pytest.raises(
-        ValueError, match=r"labels\.csv.*\['gender'\].*found \['file', 'age', 'race'\]"
-    ):
+    with pytest.raises(ValueError, match=r"labels\.csv.*\['gender'\].*found \['file', 'age', 'race'\]"):
         fairface(csv, tmp_path)
 
 
@@ -196,9 +184,7 @@ def test_fairface_missing_column(tmp_path):
 def test_from_csv_resolves_paths_and_keeps_missing(tmp_path):
     (tmp_path / "labels").mkdir()
     csv = tmp_path / "labels" / "table.csv"
-    csv.write_text(
-        "path,age,smiling,note\na/1.jpg,31,yes,NA\n/abs/2.png,,no,x\n../b/3.jpg,7,,\n"
-    )
+    csv.write_text("path,age,smiling,note\na/1.jpg,31,yes,NA\n/abs/2.png,,no,x\n../b/3.jpg,7,,\n")
     df = from_csv(csv, image_column="path")
     assert list(df.columns) == ["image", "age", "smiling", "note"]
     here = tmp_path.resolve()

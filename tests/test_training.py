@@ -2,10 +2,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_heads, make_net, make_table
 from torch import nn
 
 import manyheads as mh
+from conftest import make_heads, make_net, make_table
 from manyheads.losses import resolve
 
 FAST = {"epochs": 8, "batch_size": 64, "lr": 3e-3, "seed": 0, "progress": False}

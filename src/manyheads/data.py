@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from manyheads import images as imaging
-from manyheads.heads import Head
+from manyheads.heads import Head, Reason
 
 Table = dict[str, Any]
 
@@ -94,7 +94,11 @@ def input_column(table: Table, heads: Mapping[str, Head], inputs: str | None) ->
 
 @dataclass
 class Encoded:
-    """Inputs and targets as tensors. Images are uint8 [N, 3, S, S]; ``bad`` lists dropped rows."""
+    """Inputs and targets as tensors. Images are uint8 [N, 3, S, S].
+
+    ``bad`` lists dropped rows as ``{"row", "kind", "reason"}``: ``kind`` is a short reason to
+    count by ("truncated JPEG", "label not a number"), ``reason`` the full message.
+    """
 
     inputs: torch.Tensor
     targets: dict[str, torch.Tensor]
@@ -131,7 +135,7 @@ def _numeric_inputs(column: Any, name: str, bad: dict[int, str] | None) -> torch
     for row in (~finite).nonzero().flatten().tolist():
         if bad is None:
             raise ValueError(f"input column {name!r}, row {row}: contains NaN or inf (on_bad='skip' drops such rows)")
-        bad.setdefault(row, f"input column {name!r}: NaN or inf")
+        bad.setdefault(row, Reason(f"input column {name!r}, row {row}: NaN or inf", "input NaN or inf"))
     return inputs
 
 
@@ -158,8 +162,8 @@ def encode(
         cache = imaging.build_cache(
             list(column), image_size, cache_dir=cache_dir, workers=workers, progress=progress, on_bad=on_bad
         )
-        for item in cache.bad:
-            bad[item.index] = f"{item.source}: {item.reason}"
+        for item in cache.bad:  # "corrupt JPEG (broken data stream...)" counts as "corrupt JPEG"
+            bad[item.index] = Reason(f"{item.source}: {item.reason}", item.reason.split(" (")[0])
     else:
         inputs = _numeric_inputs(column, input_name, bad)
     targets, labelled = {}, {}
@@ -180,7 +184,10 @@ def encode(
         {k: v[rows] if bad else v for k, v in targets.items()},
         {k: v[rows] if bad else v for k, v in labelled.items()},
         images=is_images,
-        bad=[{"row": row, "reason": reason} for row, reason in sorted((bad or {}).items())],
+        bad=[
+            {"row": row, "kind": getattr(reason, "kind", "bad row"), "reason": str(reason)}
+            for row, reason in sorted((bad or {}).items())
+        ],
     )
 
 
@@ -189,6 +196,9 @@ class Batches:
 
     The permutation of epoch ``e`` comes from ``seed`` and ``e`` alone, so a resumed run sees
     the same batches. Images are augmented (training) and normalised on the device.
+    With ``shard=(rank, world)`` every rank takes every world-th row of the same permutation,
+    so step ``s`` of all ranks together is exactly the batch of ``world * batch_size`` rows a
+    single process would take (rows beyond an equal share are dropped, as DistributedSampler).
     """
 
     def __init__(
@@ -228,6 +238,7 @@ class Batches:
         """Batches of one epoch, from batch ``start`` on (for resuming mid-epoch)."""
         order = self.order(epoch)
         data = self.data
+        rank, world = self.shard
         generator = None
         if self.augment is not None and data.images:
             generator = torch.Generator(device=self.device)
@@ -238,7 +249,8 @@ class Batches:
             labelled = {k: v[rows].to(self.device, non_blocking=True) for k, v in data.labelled.items()}
             if data.images:
                 if generator is not None:
-                    generator.manual_seed(self.seed * 1_000_003 + epoch * 10_007 + step)
+                    # each rank draws its own crops, so ranks' samples are not augmented alike
+                    generator.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + step) * world + rank)
                     x = self.augment(x, generator=generator)
                 x = imaging.normalize(x)
                 if self.channels_last:

@@ -48,9 +48,7 @@ _INT = re.compile(r"[0-9]+")
 def _warn_skipped(skipped: list[dict], what: str) -> None:
     """Issue one warning that counts the skipped entries and shows up to three."""
     if skipped:
-        examples = "; ".join(
-            f"{s.get('file', '')!r}: {s['reason']}" for s in skipped[:3]
-        )
+        examples = "; ".join(f"{s.get('file', '')!r}: {s['reason']}" for s in skipped[:3])
         warnings.warn(
             f"skipped {len(skipped)} malformed {what} (see df.attrs['skipped']), e.g. {examples}",
             stacklevel=3,
@@ -94,11 +92,7 @@ def utkface(folder: str | os.PathLike, *, limit: int | None = None) -> pd.DataFr
         raise FileNotFoundError(f"UTKFace folder not found: {root}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive integer, got {limit}")
-    names = sorted(
-        p.name
-        for p in root.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    names = sorted(p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     rows, skipped = [], []
     for name in names:
         parsed = _parse_utkface_name(name)
@@ -112,9 +106,7 @@ def utkface(folder: str | os.PathLike, *, limit: int | None = None) -> pd.DataFr
             "malformed; subfolders are not searched)"
         )
     _warn_skipped(skipped, "UTKFace file names")
-    df = pd.DataFrame(rows, columns=["image", "age", "gender", "race"]).astype(
-        {"age": "int64"}
-    )
+    df = pd.DataFrame(rows, columns=["image", "age", "gender", "race"]).astype({"age": "int64"})
     if limit is not None and limit < len(df):
         picks = np.linspace(0, len(df) - 1, limit).round().astype(int)
         df = df.iloc[picks].reset_index(drop=True)
@@ -122,9 +114,7 @@ def utkface(folder: str | os.PathLike, *, limit: int | None = None) -> pd.DataFr
     return df
 
 
-def fairface(
-    label_csv: str | os.PathLike, image_root: str | os.PathLike
-) -> pd.DataFrame:
+def fairface(label_csv: str | os.PathLike, image_root: str | os.PathLike) -> pd.DataFrame:
     """Read a FairFace label CSV (``file, age, gender, race[, service_test]``).
 
     Returns columns ``image`` (absolute path ``image_root / file``), ``age``,
@@ -151,22 +141,16 @@ def fairface(
     rows, skipped = [], []
     for i, rec in enumerate(table.to_dict("records")):
         reasons = [
-            f"{col} {rec[col]!r} is not one of {labels}"
-            for col, labels in allowed.items()
-            if rec[col] not in labels
+            f"{col} {rec[col]!r} is not one of {labels}" for col, labels in allowed.items() if rec[col] not in labels
         ]
         if not rec["file"]:
             reasons.append("file is empty")
         if has_service and rec["service_test"].lower() not in flags:
             reasons.append(f"service_test {rec['service_test']!r} is not True/False")
         if reasons:
-            skipped.append(
-                {"line": i + 2, "file": rec["file"], "reason": "; ".join(reasons)}
-            )
+            skipped.append({"line": i + 2, "file": rec["file"], "reason": "; ".join(reasons)})
             continue
-        row = {"image": os.path.abspath(root / rec["file"])} | {
-            c: rec[c] for c in allowed
-        }
+        row = {"image": os.path.abspath(root / rec["file"])} | {c: rec[c] for c in allowed}
         if has_service:
             row["service_test"] = flags[rec["service_test"].lower()]
         rows.append(row)
@@ -194,23 +178,15 @@ def from_csv(
     Example: ``df = from_csv("labels.csv", "photos/", image_column="path")``
     """
     csv = Path(csv)
-    table = pd.read_csv(
-        csv, dtype={image_column: str}, keep_default_na=False, na_values=[""]
-    )
+    table = pd.read_csv(csv, dtype={image_column: str}, keep_default_na=False, na_values=[""])
     if image_column not in table.columns:
-        raise ValueError(
-            f"{csv}: no image column {image_column!r}; columns are {list(table.columns)}"
-        )
+        raise ValueError(f"{csv}: no image column {image_column!r}; columns are {list(table.columns)}")
     if image_column != "image" and "image" in table.columns:
-        raise ValueError(
-            f"{csv}: has both {image_column!r} and 'image' columns; rename one"
-        )
+        raise ValueError(f"{csv}: has both {image_column!r} and 'image' columns; rename one")
     empty = table.index[table[image_column].isna()]
     if len(empty):
         lines = ", ".join(str(i + 2) for i in empty[:10])
-        raise ValueError(
-            f"{csv}: {len(empty)} row(s) have no image (CSV lines {lines})"
-        )
+        raise ValueError(f"{csv}: {len(empty)} row(s) have no image (CSV lines {lines})")
     root = Path(image_root) if image_root is not None else csv.parent
     root = root.expanduser().resolve()
     table[image_column] = [os.path.abspath(root / p) for p in table[image_column]]

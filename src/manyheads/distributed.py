@@ -1,7 +1,9 @@
 """Multi-process training on torch.distributed: set-up from torchrun's environment, and helpers.
 
 Under ``torchrun --nproc_per_node=N`` each process trains on its shard of the data with
-DistributedDataParallel (gloo on CPU, NCCL on GPU); only rank 0 writes files.
+DistributedDataParallel (gloo on CPU, NCCL on GPU); only rank 0 writes files. Every rank
+takes its share of the same global batch, so N processes with batch b train like one process
+with batch N * b (same rows per step, gradients averaged over them).
 
     cluster = Cluster.from_env("cuda"); model = cluster.wrap(net)
 """
@@ -31,8 +33,10 @@ class Cluster:
         if world <= 1:
             return cls()
         if not dist.is_initialized():
-            backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-            dist.init_process_group(backend)
+            cuda = torch.device(device).type == "cuda"
+            if cuda:  # NCCL binds each process to its own GPU
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if cuda else "gloo")
         return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
     @property
@@ -51,6 +55,23 @@ class Cluster:
         if self.world > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def agree(self, value: int) -> int:
+        """Rank 0's integer on every rank (e.g. a random seed drawn per process)."""
+        if self.world == 1:
+            return value
+        device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.broadcast(tensor, src=0)
+        return int(tensor.item())
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate an equally shaped tensor from all ranks along dim 0 (rank order)."""
+        if self.world == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
 
     def barrier(self) -> None:
         if self.world > 1:

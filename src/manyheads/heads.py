@@ -21,6 +21,7 @@ from torch import nn
 from manyheads.metrics import head_metrics
 
 Encoded = tuple[torch.Tensor, torch.Tensor]  # (target, labelled mask)
+_NAN, _UNKNOWN = "label not a number", "label not in the head's labels"  # short reasons skip counts group by
 
 
 def is_missing(value: Any) -> bool:
@@ -37,8 +38,27 @@ def is_missing(value: Any) -> bool:
         return False
 
 
-def _row_error(head: str, column: str, row: int, message: str) -> ValueError:
-    return ValueError(f"head {head!r}, column {column!r}, row {row}: {message}")
+class LabelError(ValueError):
+    """A target value a head cannot encode; ``kind`` is the short reason that skip counts group by."""
+
+    def __init__(self, message: str, kind: str = "bad label") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Reason(str):
+    """A skip reason (the full message) that also carries its short ``kind``, e.g. "label not a number"."""
+
+    kind: str
+
+    def __new__(cls, message: str, kind: str = "bad label") -> Reason:
+        reason = super().__new__(cls, message)
+        reason.kind = kind
+        return reason
+
+
+def _row_error(head: str, column: str, row: int, message: str, kind: str = "bad label") -> LabelError:
+    return LabelError(f"head {head!r}, column {column!r}, row {row}: {message}", kind)
 
 
 def _as_list(values: Any) -> list:
@@ -65,7 +85,8 @@ class Head:
         """Encode a column into ``(target, labelled)``; missing labels get a placeholder.
 
         A value that cannot be encoded raises ``ValueError`` naming head, column and row, or,
-        when a ``bad`` dict is given, is recorded there (row -> reason) and left unlabelled.
+        when a ``bad`` dict is given, is recorded there (row -> reason, a :class:`Reason` str)
+        and left unlabelled.
         """
         values = _as_list(values)
         column = column or name
@@ -82,7 +103,7 @@ class Head:
             except ValueError as error:
                 if bad is None:
                     raise
-                bad.setdefault(row, str(error))
+                bad.setdefault(row, Reason(str(error), getattr(error, "kind", "bad label")))
                 targets.append(self._placeholder())
                 labelled.append(False)
         target = torch.tensor(np.array(targets), dtype=self._target_dtype)
@@ -140,35 +161,46 @@ class Regression(Head):
 
     With ``standardize=True`` (default) the head layer predicts in units of the training
     targets' spread and maps back, so a target in years trains as easily as one near 0.
+    ``min`` / ``max`` bound valid targets: a value outside is a bad row (an error, or skipped
+    with ``on_bad="skip"``), e.g. a negative age.
 
-        mh.Regression()
+        mh.Regression(min=0, max=120)
     """
 
     kind = "regression"
     default_loss = "mse"
 
-    def __init__(self, *, standardize: bool = True) -> None:
+    def __init__(self, *, standardize: bool = True, min: float | None = None, max: float | None = None) -> None:
+        if min is not None and max is not None and min > max:
+            raise ValueError(f"Regression(min={min}, max={max}): min must not exceed max")
         self.standardize = standardize
+        self.min, self.max = min, max
 
     def _encode_one(self, value: Any, name: str, column: str, row: int) -> float:
         if isinstance(value, bool | np.bool_) or isinstance(value, str):
-            raise _row_error(name, column, row, f"regression target must be a number, got {value!r}")
+            raise _row_error(name, column, row, f"regression target must be a number, got {value!r}", _NAN)
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise _row_error(name, column, row, f"regression target must be a number, got {value!r}") from None
+            raise _row_error(name, column, row, f"regression target must be a number, got {value!r}", _NAN) from None
         if not math.isfinite(number):
-            raise _row_error(name, column, row, f"regression target must be finite, got {value!r}")
+            raise _row_error(name, column, row, f"regression target must be finite, got {value!r}", "label not finite")
+        if (self.min is not None and number < self.min) or (self.max is not None and number > self.max):
+            bounds = f"[{'-inf' if self.min is None else self.min}, {'inf' if self.max is None else self.max}]"
+            raise _row_error(name, column, row, f"{value!r} is outside {bounds}", f"label outside {bounds}")
         return number
 
     def decode(self, output: torch.Tensor) -> list:
         return self.canonical(output).float().tolist()
 
     def spec(self) -> dict:
-        return {**super().spec(), "standardize": self.standardize}
+        bounds = {key: value for key, value in (("min", self.min), ("max", self.max)) if value is not None}
+        return {**super().spec(), "standardize": self.standardize, **bounds}
 
     def __repr__(self) -> str:
-        return "Regression()" if self.standardize else "Regression(standardize=False)"
+        args = [] if self.standardize else ["standardize=False"]
+        args += [f"{key}={value!r}" for key, value in (("min", self.min), ("max", self.max)) if value is not None]
+        return f"Regression({', '.join(args)})"
 
 
 class _Classifier(Head):
@@ -198,7 +230,8 @@ class _Classifier(Head):
             if value in self._index:
                 return self._index[value]
         except TypeError:  # unhashable, e.g. a list in a single-label column
-            pass
+            message = f"expected one label of {self.labels!r}, got a {type(value).__name__}: {value!r}"
+            raise _row_error(name, column, row, message, "label of the wrong type") from None
         by_index = not any(isinstance(label, int | float) for label in self.labels) or self.labels == [0, 1]
         if by_index and isinstance(value, int | float) and float(value).is_integer() and 0 <= value < len(self.labels):
             return int(value)
@@ -207,6 +240,7 @@ class _Classifier(Head):
             column,
             row,
             f"{value!r} is not one of the head's labels {self.labels!r} (or an index below {len(self.labels)})",
+            _UNKNOWN,
         )
 
     def class_weight_vector(self, target: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor | None:
@@ -352,7 +386,8 @@ class MultiLabel(_Classifier):
             return np.asarray(items, dtype=np.float32)
         for item in items:
             if self._key(item) not in self._index:
-                raise _row_error(name, column, row, f"{item!r} is not one of the head's labels {self.labels!r}")
+                message = f"{item!r} is not one of the head's labels {self.labels!r}"
+                raise _row_error(name, column, row, message, _UNKNOWN)
             vector[self._index[self._key(item)]] = 1
         return vector
 
@@ -379,7 +414,7 @@ def head_from_spec(spec: Mapping) -> Head:
     if kind not in KINDS:
         raise ValueError(f"unknown head kind {kind!r}; available: {sorted(KINDS)}")
     if kind == "regression":
-        return Regression(standardize=spec.get("standardize", True))
+        return Regression(standardize=spec.get("standardize", True), min=spec.get("min"), max=spec.get("max"))
     labels = spec.get("labels")
     if labels is None and kind != "binary":
         raise ValueError(f"a {kind} head needs labels")

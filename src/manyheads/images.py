@@ -5,6 +5,7 @@ Example: ``x = normalize(Augment()(build_cache(paths, 128).images[:64].to(device
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -102,6 +103,9 @@ def _decode_file(path: Path, size: int) -> np.ndarray:
     except Image.DecompressionBombError:
         raise BadImageError(src, "image too large (Pillow's decompression-bomb limit)") from None
     except OSError as e:  # permissions, a directory, I/O errors
+        if e.errno is None and "truncat" in str(e).lower():  # cut short inside the header: Pillow's OSError
+            kind = Image.registered_extensions().get(path.suffix.lower(), "image")
+            raise BadImageError(src, f"truncated {kind}") from None
         raise BadImageError(src, f"cannot read file ({e.strerror or e})") from None
     with img:
         fmt = img.format or "image"
@@ -355,7 +359,7 @@ class Augment:
             x = torch.where((sign < 0).view(b, 1, 1, 1), x.flip(-1), x)
         if self.jitter > 0:
             f = (1 + self.jitter * (2 * u[:, 5:8] - 1)).to(x.dtype).view(b, 3, 1, 1, 1)
-            gray_w = torch.tensor(_GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            gray_w = _constant(_GRAY, x.dtype, x.device).view(1, 3, 1, 1)
             x = (x * f[:, 0]).clamp(0, 1)
             mean = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
             x = ((x - mean) * f[:, 1] + mean).clamp(0, 1)
@@ -377,9 +381,15 @@ def normalize(
 ) -> torch.Tensor:
     """Channel-normalise a uint8 or [0, 1] float batch: ``normalize(Augment()(x))``."""
     x = _to_float(batch)
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    m = _constant(tuple(mean), x.dtype, x.device).view(-1, 1, 1)
+    s = _constant(tuple(std), x.dtype, x.device).view(-1, 1, 1)
     return (x - m) / s
+
+
+@functools.lru_cache(maxsize=32)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Made once per device: building it per batch is a blocking host-to-device copy on CUDA.
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _is_path(v: Any) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torchmetrics.functional import classification as tmf
 
 if TYPE_CHECKING:
     from manyheads.heads import Head
@@ -27,6 +26,8 @@ def head_metrics(head: Head, output: torch.Tensor, target: torch.Tensor) -> dict
     """Metrics of one head on labelled rows: raw outputs against encoded targets."""
     if target.shape[0] == 0:
         return {}
+    from torchmetrics.functional import classification as tmf  # imported here: it takes seconds to load
+
     output = head.canonical(output).float()
     kind = head.kind
     if kind == "regression":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from manyheads import backbones
+from manyheads.checkpoint import atomic_path
 from manyheads.heads import Head, HeadLayer, head_from_spec
 
 FORMAT = "manyheads/1"
@@ -123,6 +123,15 @@ class MultiHeadNet(nn.Module):
 
     # ---- files ---------------------------------------------------------------------------
 
+    def export_onnx(self, path: str | os.PathLike, **kw: Any) -> Path:
+        """Write this net as one ONNX graph (see :func:`manyheads.export.export_onnx`).
+
+        net.export_onnx("model.onnx")
+        """
+        from manyheads.export import export_onnx
+
+        return export_onnx(self, path, **kw)
+
     def spec(self) -> dict:
         """Everything but the weights that is needed to rebuild this net."""
         return {
@@ -140,14 +149,8 @@ class MultiHeadNet(nn.Module):
 
         path = Path(path)
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"manyheads": json.dumps(self.spec())})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp:  # temporary file, fsync, rename: never a half-written model
+            save_file(tensors, str(tmp), metadata={"manyheads": json.dumps(self.spec())})
         return path
 
 

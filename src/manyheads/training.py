@@ -14,6 +14,7 @@ import math
 import random
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -191,11 +192,16 @@ def fit(
     cluster = Cluster.from_env(device)
     if cluster.world > 1 and device.type == "cuda":
         device = torch.device("cuda", cluster.local_rank)
-    if seed is None:
-        seed = random.randrange(2**31)
-    torch.manual_seed(seed)
-    if resume is not None:
+    state = None
+    if resume is not None:  # read first: the run's own seed decides the split and the batches
         run_dir = Path(resume)
+        state = checkpoint.load(run_dir / checkpoint.NAME)
+        if seed is not None and state.get("seed", seed) != seed:
+            warnings.warn(f"resume: continuing with the run's seed {state['seed']}, not seed={seed}", stacklevel=2)
+        seed = state.get("seed", seed)
+    if seed is None:
+        seed = cluster.agree(random.randrange(2**31))  # ranks must share the seed, or their shards overlap
+    torch.manual_seed(seed)
 
     # ---- data: table -> encoded tensors -> batches on the device -------------------------
     table = datasets.columns_of(train, "train")
@@ -216,7 +222,11 @@ def fit(
     val_data = datasets.encode(val_table, heads, input_name, **encode) if val_table is not None else None
     bad = train_data.bad + ([{**b, "split": "validation"} for b in val_data.bad] if val_data else [])
     if bad and cluster.is_main:
-        warnings.warn(f"on_bad='skip': skipped {len(bad)} bad rows, e.g. {bad[0]['reason']}", stacklevel=2)
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in Counter(b["kind"] for b in bad).most_common())
+        warnings.warn(
+            f"on_bad='skip': skipped {len(bad)} bad rows ({kinds}), e.g. {bad[0]['reason']}; result.skipped lists all",
+            stacklevel=2,
+        )
     if len(train_data) == 0:
         raise ValueError("no training rows left after encoding")
     if train_data.images and net.image_size is None:
@@ -276,8 +286,7 @@ def fit(
     best = {"score": None, "epoch": None, "state": None}
     start_epoch, start_step, partial = 0, 0, None
     run_dir = Path(run_dir) if run_dir is not None else None
-    if resume is not None:
-        state = checkpoint.load(run_dir / checkpoint.NAME, map_location=device)
+    if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -290,7 +299,7 @@ def fit(
         start_epoch, start_step = state["epoch"], state["step"]
         partial = state["partial"]
 
-    def save_checkpoint(epoch: int, step: int, sums: torch.Tensor, counts: torch.Tensor) -> None:
+    def save_checkpoint(epoch: int, step: int, sums: torch.Tensor, counts: torch.Tensor, nonfinite: int = 0) -> None:
         if run_dir is None or not cluster.is_main:
             return
         rng = {"torch": torch.get_rng_state()}
@@ -301,7 +310,8 @@ def fit(
             {
                 "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
                 "balancer": balancer.state_dict(), "rng": rng, "epoch": epoch, "step": step,
-                "partial": {"sums": sums.cpu(), "counts": counts.cpu()}, "history": json.dumps(rows),
+                "partial": {"sums": sums.cpu(), "counts": counts.cpu(), "nonfinite": nonfinite},
+                "history": json.dumps(rows), "seed": seed,
                 "best": {"score": best["score"], "epoch": best["epoch"], "state": best["state"]},
                 "spec": json.dumps(net.spec()),
             },
@@ -309,7 +319,6 @@ def fit(
 
     # ---- the loop ---------------------------------------------------------------------------
     stop = False
-    nonfinite_skipped = 0
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         frozen = epoch < freeze_trunk_epochs and bool(trunk_params)
@@ -322,27 +331,31 @@ def fit(
         sums = torch.zeros(len(names), device=device)
         counts = torch.zeros(len(names), device=device)
         first = start_step if epoch == start_epoch else 0
-        if partial is not None and epoch == start_epoch:
+        resumed = partial is not None and epoch == start_epoch
+        if resumed and cluster.is_main:  # saved summed over ranks: add them once
             sums += partial["sums"].to(device)
             counts += partial["counts"].to(device)
+        nonfinite_skipped = int(partial.get("nonfinite", 0)) if resumed else 0
         outputs_seen: dict[str, list] = {n: [] for n in names}
         targets_seen: dict[str, list] = {n: [] for n in names}
         labelled_seen: dict[str, list] = {n: [] for n in names}
         bar = _progress(len(batches), first, epoch, epochs, progress and cluster.is_main)
         last_refresh = time.perf_counter()
         bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        bad_heads = torch.zeros(len(names), device=device, dtype=torch.bool)  # which heads at bad_step
         for step, (x, targets, labelled) in enumerate(batches.epoch(epoch, first), start=first):
             features = None
             with autocast:
-                if balancer.needs_features and cluster.world == 1:
+                if balancer.needs_features and cluster.world == 1 and not net.outputs_dict:
                     features = net.features(x)
                     outputs = net.head_outputs(features)
                 else:
                     outputs = step_model(x)
                 head_losses = {n: resolved[n](outputs[n], targets[n], labelled[n]) for n in names}
             stacked = torch.stack([head_losses[n].detach().float() for n in names])
-            if on_nonfinite == "skip" and not bool(torch.isfinite(stacked).all()):
-                nonfinite_skipped += 1  # one host sync per step: the price of skipping
+            # one host sync per step, the price of skipping; summed so that all ranks skip alike
+            if on_nonfinite == "skip" and bool(cluster.sum((~torch.isfinite(stacked)).sum()) > 0):
+                nonfinite_skipped += 1
                 continue
             opt.zero_grad(set_to_none=True)
             balancer.backward(head_losses, features, scaler.scale if scaler else None)
@@ -355,8 +368,10 @@ def fit(
             n_labelled = torch.stack([labelled[n] for n in names]).sum(dim=1)
             sums += stacked * n_labelled
             counts += n_labelled
-            finite = torch.isfinite(stacked).all()
-            bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
+            finite = torch.isfinite(stacked)
+            first_bad = (bad_step < 0) & ~finite.all()
+            bad_heads = torch.where(first_bad, ~finite, bad_heads)
+            bad_step = torch.where(first_bad, step, bad_step)
             if train_metrics:
                 for n in names:
                     outputs_seen[n].append(outputs[n].detach())
@@ -364,18 +379,19 @@ def fit(
                     labelled_seen[n].append(labelled[n])
             if bar is not None and time.perf_counter() - last_refresh > 0.5:
                 last_refresh = time.perf_counter()
-                _check_finite(bad_step, stacked, names, epoch)
+                _check_finite(bad_step, bad_heads, names, epoch, len(batches))
                 bar.set_postfix({n: f"{v:.3g}" for n, v in zip(names, (sums / counts.clamp(min=1)).tolist())})
             if bar is not None:
                 bar.update(1)
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < len(batches):
-                _check_finite(bad_step, stacked, names, epoch)
-                save_checkpoint(epoch, step + 1, sums, counts)
+                totals = cluster.sum(torch.stack([sums, counts]))  # the checkpoint holds all ranks' sums
+                _check_finite(bad_step, bad_heads, names, epoch, len(batches), totals[0])
+                save_checkpoint(epoch, step + 1, totals[0], totals[1], nonfinite_skipped)
         if bar is not None:
             bar.close()
-        _check_finite(bad_step, sums, names, epoch)
         cluster.sum(sums)
         cluster.sum(counts)
+        _check_finite(bad_step, bad_heads, names, epoch, len(batches), sums)
 
         # ---- epoch end: history row, model selection, checkpoint ----------------------------
         row: dict[str, Any] = {"epoch": epoch + 1}
@@ -386,10 +402,10 @@ def fit(
             row[f"train/{n}/loss"] = loss_value
             row[f"train/{n}/labels"] = int(counts[i])
             total += current[n] * (0.0 if math.isnan(loss_value) else loss_value)
-            if train_metrics and outputs_seen[n]:
-                mask = torch.cat(labelled_seen[n])
-                out = torch.cat(outputs_seen[n])[mask].float()
-                for key, value in heads[n].metrics(out, torch.cat(targets_seen[n])[mask]).items():
+            if train_metrics and outputs_seen[n]:  # over all ranks' rows (every rank holds as many)
+                mask = cluster.gather(torch.cat(labelled_seen[n]).to(torch.uint8)).bool()
+                out = cluster.gather(torch.cat(outputs_seen[n]).float())[mask]
+                for key, value in heads[n].metrics(out, cluster.gather(torch.cat(targets_seen[n]))[mask]).items():
                     row[f"train/{n}/{key}"] = value
         row["train/total/loss"] = total
         if val_data is not None:
@@ -398,7 +414,7 @@ def fit(
             row[f"weight/{n}"] = current[n]
         row["lr"] = scheduler.get_last_lr()[-1]
         row["seconds"] = time.perf_counter() - t0
-        if nonfinite_skipped:
+        if on_nonfinite == "skip":
             row["skipped_nonfinite"] = nonfinite_skipped
         rows.append(row)
         score = row.get(monitor_column)
@@ -473,14 +489,29 @@ def evaluate(
     return row
 
 
-def _check_finite(bad_step: torch.Tensor, values: torch.Tensor, names: list[str], epoch: int) -> None:
+def _check_finite(
+    bad_step: torch.Tensor,
+    bad_heads: torch.Tensor,
+    names: list[str],
+    epoch: int,
+    steps: int,
+    sums: torch.Tensor | None = None,
+) -> None:
+    """Raise if a step of this epoch had a NaN/inf loss here, or on another rank (its ``sums`` over all ranks).
+
+    Checked lazily, one host sync per check; ``bad_heads`` are the heads at the first bad step.
+    """
     step = int(bad_step)
-    if step >= 0 or not bool(torch.isfinite(values).all()):
-        which = [n for n, v in zip(names, values.tolist()) if not math.isfinite(v)] or names
-        raise FloatingPointError(
-            f"non-finite loss for head(s) {which} at epoch {epoch + 1}, step {step}; the last checkpoint "
-            f"is kept. Lower the learning rate, check the targets, or pass on_nonfinite='skip'."
-        )
+    where = f"step {step + 1} of {steps}"
+    if step < 0:
+        if sums is None or bool(torch.isfinite(sums).all()):
+            return
+        bad_heads, where = ~torch.isfinite(sums), "a step of another process"
+    which = [n for n, bad in zip(names, bad_heads.tolist()) if bad] or names
+    raise FloatingPointError(
+        f"non-finite loss for head(s) {which} at epoch {epoch + 1}, {where}; the last checkpoint is kept. "
+        f"Lower the learning rate, check the targets, or pass on_nonfinite='skip'."
+    )
 
 
 def _progress(total: int, initial: int, epoch: int, epochs: int, enabled: bool):
