@@ -6,6 +6,7 @@ result = mh.fit(net, df, losses={"age": "mae"}, weights={"gender": 5})
 """
 
 from manyheads import datasets
+from manyheads.compare import compare, write_comparison
 from manyheads.heads import Binary, Categorical, Head, MultiLabel, Ordinal, Regression
 from manyheads.net import MultiHeadNet, load
 from manyheads.result import TrainResult
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Binary", "Categorical", "Head", "MultiHeadNet", "MultiLabel", "Ordinal", "Regression", "TrainResult",
-    "datasets", "evaluate", "fit", "load",
+    "compare", "datasets", "evaluate", "fit", "load", "write_comparison",
 ]  # fmt: skip
