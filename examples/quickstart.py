@@ -6,7 +6,6 @@ weighted 5 (``Scaled[5]``), and a categorical head with its default cross-entrop
     python examples/quickstart.py
 """
 
-import torch
 from torch import nn
 
 import manyheads as mh

@@ -1,0 +1,245 @@
+"""The command line: train, evaluate, predict, export, serve and compare, driven by a YAML config.
+
+    manyheads train examples/utkface.yaml --out runs/faces train.epochs=2
+    manyheads predict runs/faces face.jpg --json
+
+Errors in the input (config, paths, images) print one line to stderr and exit with status 2.
+Under ``torchrun --nproc_per_node=N -m manyheads train ...`` only rank 0 writes and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from manyheads import runs
+from manyheads.config import RunConfig, load_config
+
+
+def _with_data(cfg: RunConfig, data: str | None) -> RunConfig:
+    """The config with ``--data PATH`` as its data path."""
+    if data is None:
+        return cfg
+    if cfg.data.source == "shapes":
+        raise ValueError("--data: the shapes source is generated and reads no files; set data.source in the config")
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data})})
+
+
+def _headline(report: dict) -> str:
+    parts = []
+    for name, head in report["heads"].items():
+        value = head["metrics"].get(head["primary"])
+        parts.append(f"{name} {head['primary']} {'–' if value is None else format(value, '.4g')}")
+    return " | ".join(parts)
+
+
+def _train(args: argparse.Namespace) -> None:
+    cfg = _with_data(load_config(args.config, args.overrides), args.data)
+    name = Path(args.config).stem
+    missing = runs.missing_data(cfg.data)
+    if missing is not None and args.data is None:
+        if runs.is_main():
+            print(
+                f"note: {missing} not found, so this trains the built-in demo on generated shapes instead (heads "
+                "size, filled, shape; seconds on a CPU) to show the whole flow. For the real run put the data "
+                "there or pass --data PATH.",
+                flush=True,
+            )
+        cfg, name = runs.DEMO, "shapes-demo"
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out RUN_DIR, the run folder to continue")
+    out = Path(args.out) if args.out else runs.default_run_dir(name)
+    _, report = runs.train(cfg, out, resume=args.resume, progress=not args.quiet)
+    if not runs.is_main():
+        return
+    print(f"\nrun folder: {out}")
+    print("  model.safetensors   the trained net (for manyheads evaluate / predict / export / serve)")
+    print("  history.csv, learning_curves.png, summary.json   training history; config.yaml, split.json   the setup")
+    if report is not None:
+        plots = len(list(out.glob("*_errors.png")) + list(out.glob("*_confusion.png")) + list(out.glob("fairness_*")))
+        print(f"  report.md, metrics.json (+ {plots} plots)   the test report")
+        print(f"test split ({report['rows']} rows, never trained on): {_headline(report)}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from manyheads.evaluation import evaluate_report
+    from manyheads.net import load
+
+    run = Path(args.run)
+    net = load(runs.model_file(run))
+    if args.data is not None:
+        if not (run / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run / 'config.yaml'} not found: give the run folder made by `manyheads train`")
+        cfg = _with_data(load_config(run / "config.yaml"), str(Path(args.data).resolve()))
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": args.limit})})
+        df = runs.load_table(cfg)
+        out = Path(args.out) if args.out else run / f"eval-{Path(args.data).stem}"
+        note = f"All {len(df)} rows of the {cfg.data.source} data at {cfg.data.path}."
+    else:
+        cfg, df = runs.load_test_split(run)
+        out = Path(args.out) if args.out else run
+        note = f"The run's test split: {len(df)} rows recorded in split.json, never trained on."
+    report = evaluate_report(net, df, out, inputs=cfg.data.inputs, title="Evaluation report", note=note)
+    print(f"report: {out / 'report.md'}\n{report['rows']} rows: {_headline(report)}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from manyheads.net import load
+
+    net = load(runs.model_file(args.run))
+    values, probabilities = net.predict(args.images), net.predict_proba(args.images)
+    results = []
+    for i, image in enumerate(args.images):
+        entry = {"image": image, "predictions": {name: values[name][i] for name in net.heads}, "probabilities": {}}
+        for name, p in probabilities.items():
+            entry["probabilities"][name] = {
+                str(label): round(float(v), 6) for label, v in zip(net.heads[name].labels, p[i])
+            }
+        results.append(entry)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    width = max(len(name) for name in net.heads)
+    for entry in results:
+        print(entry["image"])
+        for name, value in entry["predictions"].items():
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            top = sorted(entry["probabilities"].get(name, {}).items(), key=lambda kv: -kv[1])[: args.top]
+            if top:
+                text += "   (" + ", ".join(f"{label} {p:.2f}" for label, p in top) + ")"
+            print(f"  {name:<{width}}  {text}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from manyheads.export import export_onnx
+    from manyheads.net import load
+
+    path = export_onnx(load(runs.model_file(args.run)), args.onnx)
+    print(f"wrote {path}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from manyheads.serving import serve
+
+    model = Path(args.model)
+    serve(runs.model_file(model) if model.is_dir() else model, host=args.host, port=args.port)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from manyheads.compare import compare, summarize, write_comparison
+    from manyheads.net import MultiHeadNet
+
+    cfg = _with_data(load_config(args.config, args.overrides), args.data)
+    runs.check_offline(cfg.model)
+    df = runs.load_table(cfg)
+    train, validation, test = runs.Split.of(len(df), cfg.split).parts(df)
+    options = cfg.fit_kwargs()
+    seed = options.pop("seed")
+    m = cfg.model
+
+    def net_factory(heads):
+        return MultiHeadNet(m.backbone, heads, pretrained=m.pretrained, image_size=m.image_size, dropout=m.dropout)
+
+    if args.strategies:
+        options.pop("weights")
+        options["strategies"] = tuple(s.strip() for s in args.strategies.split(","))
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else (seed or 0,)
+    table = compare(net_factory, train, test=test, heads=cfg.build_heads(), validation=validation, seeds=seeds,
+                    split_seed=cfg.split.seed, progress=not args.quiet, **options)  # fmt: skip
+    out = Path(args.out) if args.out else runs.default_run_dir(f"{Path(args.config).stem}-compare")
+    write_comparison(table, out)
+    print(summarize(table).to_string(index=False))
+    print(f"comparison: {out / 'comparison.md'} (difference > 0: the joint model is better)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="manyheads", description="Train one network on many targets at once.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("train", help="train from a YAML config; report on a held-out test split")
+    p.add_argument("config", help="YAML run config, e.g. examples/utkface.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=3")
+    p.add_argument("--data", help="data path (overrides data.path)")
+    p.add_argument("--out", help="run folder (default: runs/<config name>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.set_defaults(handler=_train)
+
+    p = commands.add_parser("evaluate", help="re-evaluate a run on its test split, or on other data")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--data", help="evaluate on all of this data (same source kind as the run's)")
+    p.add_argument("--limit", type=int, help="with --data: evaluate on this many rows, evenly spaced")
+    p.add_argument("--out", help="report folder (default: the run folder, or RUN/eval-<data name> with --data)")
+    p.set_defaults(handler=_evaluate)
+
+    p = commands.add_parser("predict", help="predict every head for image files")
+    p.add_argument("run", help="run folder or .safetensors model")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--json", action="store_true", help="print JSON: one object per image")
+    p.add_argument("--top", type=int, default=3, help="probabilities shown per classifier head (default 3)")
+    p.set_defaults(handler=_predict)
+
+    p = commands.add_parser("export", help="export a run's model to ONNX")
+    p.add_argument("run", help="run folder or .safetensors model")
+    p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.set_defaults(handler=_export)
+
+    p = commands.add_parser("serve", help="serve predictions over HTTP")
+    p.add_argument("model", help="run folder, .safetensors or .onnx model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(handler=_serve)
+
+    p = commands.add_parser("compare", help="joint model vs one single-head model per head, on the test split")
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--data", help="data path (overrides data.path)")
+    p.add_argument("--out", help="folder for comparison.csv/.md/.png (default: runs/<config name>-compare-<time>)")
+    p.add_argument("--strategies", help="balancing strategies to compare, comma-separated (default: train.weights)")
+    p.add_argument("--seeds", help="seeds, comma-separated (default: train.seed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_compare)
+    return parser
+
+
+def _warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"manyheads: warning: {message}", file=sys.stderr)
+
+
+def _fail(error: BaseException, code: int) -> int:
+    print(f"manyheads: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 training failed, 2 bad input)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides may follow options: `train c.yaml --out x train.epochs=2`
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    shown = warnings.showwarning
+    warnings.showwarning = _warning
+    try:
+        args.handler(args)
+    except BrokenPipeError:  # `manyheads predict ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return _fail(KeyboardInterrupt("interrupted; continue a run with --resume --out RUN_DIR"), 130)
+    except ModuleNotFoundError as error:
+        return _fail(ImportError(f"{error.name} is not installed: pip install 'manyheads[export,serve]'"), 2)
+    except FloatingPointError as error:
+        return _fail(error, 1)
+    except (ValueError, OSError) as error:
+        return _fail(error, 2)
+    finally:
+        warnings.showwarning = shown
+    return 0

@@ -1,0 +1,337 @@
+"""Run configuration: a YAML file that mirrors the Python API, validated by pydantic.
+
+Sections: ``data`` (where the table comes from), ``heads`` (name -> kind, labels, loss, weight),
+``model`` (the net), ``train`` (the options of :func:`manyheads.fit`) and ``split`` (held-out
+test and validation fractions). Relative data paths are read from the current directory.
+
+    cfg = load_config("examples/utkface.yaml", ["train.epochs=2"])
+    result = mh.fit(cfg.build_net(), df, **cfg.fit_kwargs())
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from manyheads.heads import Head, head_from_spec
+
+SOURCES = ("utkface", "fairface", "csv", "shapes")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    """Where the table comes from. ``shapes`` generates images (``limit`` of them, default 512)."""
+
+    source: Literal["utkface", "fairface", "csv", "shapes"] = "shapes"
+    path: str | None = None  # utkface: the image folder; fairface and csv: the label CSV
+    images: str | None = None  # fairface and csv: the folder image paths are relative to (default: the CSV's)
+    image_column: str = "image"  # csv: the column that names image files
+    inputs: str = "image"  # the input column of the loaded table
+    limit: int | None = Field(None, ge=1)  # keep this many rows, evenly spaced
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> DataConfig:
+        if self.source != "shapes" and not self.path:
+            raise ValueError(f"the {self.source} source needs data.path (or --data PATH on the command line)")
+        return self
+
+
+class HeadConfig(_Section):
+    """One head: its kind and labels, and optionally its loss, constant weight and class weights."""
+
+    kind: Literal["regression", "binary", "categorical", "ordinal", "multilabel"]
+    labels: list[str | int | float] | None = None
+    loss: str | None = None
+    weight: float = Field(1.0, ge=0)
+    class_weights: Literal["balanced"] | dict[str | int, float] | None = None
+    standardize: bool = True  # regression: learn in units of the targets' spread
+    min: float | None = None  # regression: targets outside [min, max] are bad rows
+    max: float | None = None
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, loss: str | None, info: ValidationInfo) -> str | None:
+        from manyheads.losses import ALIASES, REGISTRY, SUITS
+
+        if loss is None:
+            return None
+        key = ALIASES.get(loss.lower(), loss.lower())
+        if key not in REGISTRY:
+            raise ValueError(f"unknown loss {loss!r}; available: {sorted(REGISTRY)}")
+        kind = info.data.get("kind")
+        if kind is not None and key not in SUITS[kind]:
+            raise ValueError(f"loss {loss!r} does not fit a {kind} head; use one of {sorted(SUITS[kind])}")
+        return loss
+
+    @model_validator(mode="after")
+    def _buildable(self) -> HeadConfig:
+        if self.kind != "regression" and (self.min is not None or self.max is not None or not self.standardize):
+            raise ValueError(f"min, max and standardize apply to regression heads only, not {self.kind}")
+        self.build()  # head kinds check their own labels and class weights
+        return self
+
+    def build(self) -> Head:
+        """The head kind this entry describes: ``HeadConfig(kind="binary").build()``."""
+        spec = self.model_dump(exclude={"loss", "weight"}, exclude_none=True)
+        if self.kind != "regression":
+            spec.pop("standardize")
+        return head_from_spec(spec)
+
+
+class ModelConfig(_Section):
+    """The net: a backbone by name (torchvision, or ``timm:NAME``), its input size and dropout."""
+
+    backbone: str = "mobilenet_v2"
+    pretrained: bool | str = False  # True: the default ImageNet weights; a string names torchvision weights
+    image_size: int = Field(128, ge=16)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        import torchvision
+
+        if not name.startswith("timm:") and name not in torchvision.models.list_models(torchvision.models):
+            from manyheads.backbones import available
+
+            raise ValueError(f"unknown backbone {name!r}; e.g. {available()} (or 'timm:NAME' with timm installed)")
+        return name
+
+
+class AugmentConfig(_Section):
+    """Settings of :class:`manyheads.images.Augment`."""
+
+    crop_scale: tuple[float, float] | None = (0.8, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    translate: float = Field(0.05, ge=0)
+    flip: bool = True
+    jitter: float = Field(0.1, ge=0, lt=1)
+
+
+class TrainConfig(_Section):
+    """Options of :func:`manyheads.fit`; ``weights`` names a balancing strategy (constants go per head)."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    trunk_lr: float | None = Field(None, ge=0)
+    weight_decay: float | None = Field(None, ge=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    schedule: Literal["constant", "cosine", "onecycle"] | None = None
+    warmup: float = Field(0.3, ge=0, lt=1)
+    freeze_trunk_epochs: int = Field(0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    augment: bool | AugmentConfig = True
+    normalize: bool = False
+    weights: str | None = None
+    monitor: str | None = None
+    patience: int | None = Field(None, ge=1)
+    seed: int | None = 0  # fixed by default: a config reruns the same
+    on_bad: Literal["error", "skip"] = "error"
+    checkpoint_every: int | None = Field(None, ge=1)
+    device: str | None = None
+    cache_dir: str | None = None
+    workers: int | None = Field(None, ge=0)
+
+    @field_validator("weights")
+    @classmethod
+    def _known_strategy(cls, weights: str | None) -> str | None:
+        from manyheads.balancing import STRATEGIES
+
+        if weights is not None and not weights.lower().startswith("jd:") and weights.lower() not in STRATEGIES:
+            raise ValueError(f"unknown balancing strategy {weights!r}; available: {sorted(STRATEGIES)} or 'jd:NAME'")
+        return weights
+
+
+class SplitConfig(_Section):
+    """Held-out fractions of all rows: a test split never trained on, and a validation split."""
+
+    test: float = Field(0.15, ge=0, lt=1)
+    validation: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _leaves_training_rows(self) -> SplitConfig:
+        if self.test + self.validation >= 1:
+            raise ValueError(f"test + validation must leave rows to train on, got {self.test} + {self.validation}")
+        return self
+
+
+class RunConfig(_Section):
+    """A whole run: data, heads, model, training options and split."""
+
+    data: DataConfig = DataConfig()
+    heads: dict[str, HeadConfig] = Field(min_length=1)
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    split: SplitConfig = SplitConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        strategy = self.train.weights
+        if strategy and strategy.lower() != "constant":
+            weighted = [name for name, head in self.heads.items() if head.weight != 1]
+            if weighted:
+                raise ValueError(
+                    f"heads {weighted} set a weight, but train.weights={strategy!r} sets the weights; drop one"
+                )
+        if self.train.monitor:
+            parts = self.train.monitor.split("/")
+            named = parts[1] if parts[0] in ("val", "train") and len(parts) > 1 else parts[0]
+            if named not in self.heads and named != "total":
+                raise ValueError(f"train.monitor {self.train.monitor!r} names no head; heads: {sorted(self.heads)}")
+        if self.data.inputs in self.heads:
+            raise ValueError(f"data.inputs {self.data.inputs!r} is also a head name")
+        return self
+
+    # ---- what the config means for the Python API -------------------------------------------
+
+    def build_heads(self) -> dict[str, Head]:
+        """Head name -> head kind, in config order."""
+        return {name: head.build() for name, head in self.heads.items()}
+
+    def net_kwargs(self) -> dict[str, Any]:
+        """Arguments of :class:`manyheads.MultiHeadNet`: ``mh.MultiHeadNet(**cfg.net_kwargs())``."""
+        m = self.model
+        return {
+            "trunk": m.backbone,
+            "heads": self.build_heads(),
+            "pretrained": m.pretrained,
+            "image_size": m.image_size,
+            "dropout": m.dropout,
+        }
+
+    def build_net(self):
+        """A fresh, untrained :class:`manyheads.MultiHeadNet` for this config."""
+        from manyheads.net import MultiHeadNet
+
+        return MultiHeadNet(**self.net_kwargs())
+
+    def fit_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`manyheads.fit` (all but data, validation and run folder)."""
+        t = self.train
+        options = t.model_dump(exclude={"weights", "augment"})
+        if isinstance(t.augment, AugmentConfig):
+            from manyheads.images import Augment
+
+            options["augment"] = Augment(**t.augment.model_dump())
+        else:
+            options["augment"] = t.augment
+        options["inputs"] = self.data.inputs
+        options["losses"] = {name: head.loss for name, head in self.heads.items() if head.loss}
+        options["weights"] = t.weights or {name: head.weight for name, head in self.heads.items()}
+        return options
+
+    def resolved(self) -> RunConfig:
+        """A copy whose data paths are absolute, so the run folder works from any directory."""
+        data = self.data.model_copy(
+            update={key: os.path.abspath(value) for key in ("path", "images") if (value := getattr(self.data, key))}
+        )
+        return self.model_copy(update={"data": data})
+
+    def to_yaml(self) -> str:
+        """The config as YAML (every option, defaults included)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
+    """Set ``key.sub=value`` entries (values parsed as YAML) in a raw config dict, in place."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.epochs=3")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # a plain string such as "a: b" that YAML cannot read
+        parts = key.strip().split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def _allowed(loc: tuple) -> list[str]:
+    """The keys allowed where an unknown key was found (for the error message)."""
+    sections = {name: field.annotation for name, field in RunConfig.model_fields.items()}
+    if len(loc) == 1:
+        return list(RunConfig.model_fields)
+    if loc[0] == "heads":
+        return list(HeadConfig.model_fields)
+    if loc[:2] == ("train", "augment"):
+        return list(AugmentConfig.model_fields)
+    model = sections.get(loc[0])
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+_BRANCHES = {"bool", "str", "int", "float", "AugmentConfig"}  # pydantic names union branches in error locations
+
+
+def _describe(error: ValidationError) -> str:
+    """One line: ``field.path: message`` per problem; of a union's branches only the informative ones."""
+    found: dict[tuple, list[str]] = {}
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and ("[" in p or p in _BRANCHES)))
+        if item["type"] == "extra_forbidden":
+            message = f"unknown key; allowed here: {', '.join(_allowed(loc))}"
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+        if item["type"] not in ("missing", "extra_forbidden", "value_error") and "input" in item:
+            message += f" (got {item['input']!r})"
+        found.setdefault(loc, []).append(message)
+    # A union reports every branch: "not a boolean" at train.augment says nothing once train.augment.jiter is wrong.
+    deepest = [loc for loc in found if not any(other[: len(loc)] == loc and other != loc for other in found)]
+    return "; ".join(
+        f"{'.'.join(map(str, loc)) or '(top level)'}: {' or '.join(dict.fromkeys(found[loc]))}" for loc in deepest
+    )
+
+
+def parse_config(raw: Any, source: str = "<config>") -> RunConfig:
+    """Validate a raw dict into a :class:`RunConfig`; errors name ``source`` and the field."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config is a mapping of sections (data, heads, model, train, split)")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_describe(error)}") from None
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``key.sub=value`` overrides, validate.
+
+    cfg = load_config("examples/utkface.yaml", ["train.epochs=1", "heads.age.loss=huber"])
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where} ({getattr(error, 'problem', error)})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections (data, heads, model, train, split)")
+    return parse_config(apply_overrides(raw or {}, overrides), str(path))

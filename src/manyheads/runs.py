@@ -1,0 +1,223 @@
+"""Runs: a config's data loaded and split, trained into a run folder, and read back from it.
+
+A run folder holds what :func:`manyheads.fit` writes (model.safetensors, history.csv,
+learning_curves.png, summary.json, checkpoint.pt), the resolved ``config.yaml``, ``split.json``
+(which rows are the held-out test split) and the evaluation report on that split (report.md,
+metrics.json, plots). The test rows are chosen before training and never trained on.
+
+    result, report = train(load_config("examples/utkface.yaml"), "runs/faces")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from manyheads import datasets
+from manyheads.config import DataConfig, ModelConfig, RunConfig, SplitConfig, load_config, parse_config
+
+# The generated-shapes demo: small enough to train in seconds on a laptop CPU.
+DEMO = parse_config(
+    {
+        "data": {"source": "shapes", "limit": 480},
+        "heads": {
+            "size": {"kind": "regression", "loss": "mae"},
+            "filled": {"kind": "binary"},
+            "shape": {"kind": "categorical", "labels": list(datasets.SHAPES)},
+        },
+        "model": {"backbone": "resnet18", "pretrained": False, "image_size": 24},
+        "train": {"epochs": 4, "batch_size": 32, "lr": 1e-3, "augment": False, "seed": 0},
+        "split": {"test": 0.15, "validation": 0.1, "seed": 0},
+    },
+    "the built-in shapes demo",
+)
+
+
+def is_main() -> bool:
+    """Whether this process may write files and print (rank 0 under torchrun, or a single process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
+    """``runs/<name>-<YYYYmmdd-HHMMSS>``, made unique if that folder exists."""
+    base = Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
+
+
+def missing_data(data: DataConfig) -> Path | None:
+    """The data path when it does not exist (None when it does, or for generated data)."""
+    if data.source == "shapes" or data.path is None:
+        return None
+    path = Path(data.path).expanduser()
+    return None if path.exists() else path
+
+
+def load_table(cfg: RunConfig) -> pd.DataFrame:
+    """The config's data as a DataFrame with an ``image`` column and one column per label."""
+    data = cfg.data
+    if data.source == "shapes":
+        size = max(16, min(cfg.model.image_size, 128))  # generate at the training size: no resizing
+        return datasets.shapes(data.limit or 512, size=size, seed=cfg.split.seed)
+    path = Path(data.path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data not found: {path} (data.path of the {data.source} source; or pass --data PATH)")
+    if data.source == "utkface":
+        return datasets.utkface(path, limit=data.limit)
+    if data.source == "fairface":
+        df = datasets.fairface(path, data.images or path.parent)
+    else:
+        df = datasets.from_csv(path, data.images, image_column=data.image_column)
+    if data.limit is not None and data.limit < len(df):  # evenly spaced rows, as utkface(limit=) keeps
+        df = df.iloc[np.linspace(0, len(df) - 1, data.limit).round().astype(int)].reset_index(drop=True)
+    return df
+
+
+@dataclass
+class Split:
+    """Row positions of the three parts of a table (sorted); validation and test may be empty."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+
+    @classmethod
+    def of(cls, n: int, split: SplitConfig) -> Split:
+        """Seeded random split of ``n`` rows by the config's test and validation fractions."""
+        order = np.random.default_rng(split.seed).permutation(n)
+        n_test = max(1, round(n * split.test)) if split.test else 0
+        n_val = max(1, round(n * split.validation)) if split.validation else 0
+        if n - n_test - n_val < 1:
+            raise ValueError(f"{n} rows leave none to train on after a {split.test} test and "
+                             f"{split.validation} validation split; use more data or smaller fractions")  # fmt: skip
+        return cls(np.sort(order[n_test + n_val :]), np.sort(order[n_test : n_test + n_val]), np.sort(order[:n_test]))
+
+    def parts(self, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
+        """(train, validation or None, test or None) as DataFrames."""
+
+        def take(rows: np.ndarray) -> pd.DataFrame | None:
+            return df.iloc[rows].reset_index(drop=True) if len(rows) else None
+
+        return take(self.train), take(self.validation), take(self.test)
+
+
+def _image_keys(cfg: RunConfig, paths: pd.Series) -> list[str]:
+    """Image paths relative to the data's folder, so a moved data folder still names the same files."""
+    data = cfg.data
+    root = Path(data.path) if data.source == "utkface" else Path(data.images or Path(data.path).parent)
+    return [os.path.relpath(p, root.expanduser().resolve()) for p in paths]
+
+
+def _record(cfg: RunConfig, df: pd.DataFrame, split: Split) -> dict[str, Any]:
+    record = {"rows": len(df), **cfg.split.model_dump(), "test_rows": split.test.tolist()}
+    column = df[cfg.data.inputs]
+    if len(split.test) and isinstance(column.iloc[0], str):  # files: name the test images themselves
+        record["test_images"] = _image_keys(cfg, column.iloc[split.test])
+    return record
+
+
+def check_offline(model: ModelConfig) -> None:
+    """Refuse pretrained weights that are not cached already: runs never download."""
+    if not model.pretrained:
+        return
+    import torch
+    import torchvision
+
+    from manyheads import backbones
+
+    if model.backbone.startswith("timm:") or model.backbone not in torchvision.models.list_models(torchvision.models):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm then reads the Hugging Face cache only
+        return
+
+    weights = backbones._torchvision_weights(model.backbone, model.pretrained)
+    if not backbones._cached(weights):
+        folder = Path(torch.hub.get_dir()) / "checkpoints"
+        accepted = [weights] if isinstance(model.pretrained, str) else list(type(weights))
+        files = " or ".join(os.path.basename(w.url) for w in accepted)
+        raise ValueError(
+            f"could not load pretrained weights for {model.backbone} (not in the cache; runs never download); "
+            f"put {files} into {folder} to work offline, or set model.pretrained=false"
+        )
+
+
+def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True):
+    """Split, train into ``out_dir`` and report on the test split; returns (TrainResult, report or None).
+
+    Under torchrun every process trains; only rank 0 writes files and gets a report.
+    """
+    from manyheads import checkpoint
+    from manyheads.evaluation import evaluate_report
+    from manyheads.training import fit
+
+    out = Path(out_dir)
+    check_offline(cfg.model)
+    if resume and not (out / checkpoint.NAME).is_file():
+        raise ValueError(f"{out}: no {checkpoint.NAME} to resume from (train without --resume first)")
+    df = load_table(cfg)
+    split = Split.of(len(df), cfg.split)
+    record = _record(cfg, df, split)
+    if resume and (out / "split.json").is_file():
+        before = json.loads((out / "split.json").read_text())
+        if before.get("test_images", before["test_rows"]) != record.get("test_images", record["test_rows"]):
+            raise ValueError(f"{out}: the data or split settings changed since this run started; its test split "
+                             f"would leak into training. Resume with the run's own config.yaml")  # fmt: skip
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.resolved().to_yaml())
+        (out / "split.json").write_text(json.dumps(record, indent=1))
+    train_df, val_df, test_df = split.parts(df)
+    result = fit(
+        cfg.build_net(), train_df, validation=val_df, run_dir=out, resume=out if resume else None,
+        progress=progress, **cfg.fit_kwargs(),
+    )  # fmt: skip
+    if not is_main() or test_df is None:
+        return result, None
+    where = (
+        "generated shapes" if cfg.data.source == "shapes" else f"{cfg.data.source} data at {cfg.resolved().data.path}"
+    )
+    note = (f"Test split: {len(test_df)} of {len(df)} rows ({cfg.split.test:.0%}) of {where}, split seed "
+            f"{cfg.split.seed}; held out before training, never trained on.")  # fmt: skip
+    return result, evaluate_report(result.net, test_df, out, inputs=cfg.data.inputs, title="Test report", note=note)
+
+
+def model_file(run: str | os.PathLike) -> Path:
+    """The model of a run folder (or a .safetensors file itself)."""
+    path = Path(run)
+    model = path / "model.safetensors" if path.is_dir() else path
+    if not model.is_file():
+        raise FileNotFoundError(f"no model at {model}: give a run folder made by `manyheads train` or a .safetensors")
+    return model
+
+
+def load_test_split(run: str | os.PathLike) -> tuple[RunConfig, pd.DataFrame]:
+    """A run's config and its test rows, reloaded from the data the run recorded."""
+    run = Path(run)
+    for name in ("config.yaml", "split.json"):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"{run / name} not found: is {run} a run folder made by `manyheads train`?")
+    cfg = load_config(run / "config.yaml")
+    record = json.loads((run / "split.json").read_text())
+    df = load_table(cfg)
+    if "test_images" in record:  # select by file, so images added to the folder since do not matter
+        wanted = record["test_images"]
+        test = df[np.isin(_image_keys(cfg, df[cfg.data.inputs]), wanted)].reset_index(drop=True)
+        if len(test) != len(wanted):
+            raise ValueError(f"{len(wanted) - len(test)} of the run's {len(wanted)} test images are gone from "
+                             f"{cfg.data.path}; evaluate on another set with --data PATH")  # fmt: skip
+    else:
+        if len(df) != record["rows"]:
+            raise ValueError(f"the regenerated data has {len(df)} rows, the run had {record['rows']}")
+        test = df.iloc[record["test_rows"]].reset_index(drop=True)
+    if test.empty:
+        raise ValueError(f"{run} has no test split (split.test was 0); evaluate with --data PATH")
+    return cfg, test
