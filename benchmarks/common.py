@@ -1,0 +1,158 @@
+"""Shared by the benchmark scripts: the machine header, timing, medians, Markdown tables, BENCHMARKS.md.
+
+Each script runs its contenders alternately in one process and reports medians; ``--write``
+appends the printed section to BENCHMARKS.md under a header naming the date, the machine,
+the library versions and the exact command line.
+
+    section = report("Overhead", "overhead.py", argv, table(["a", "b"], [[1, 2]]), notes)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = ROOT / "BENCHMARKS.md"
+DEFAULT_UTKFACE = ROOT.parent / "shared" / "data" / "utkface"
+
+
+def device_of(name: str) -> torch.device:
+    """``"auto"`` picks CUDA when available; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock reading covers it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device has finished its queued work."""
+    sync(device)
+    return time.perf_counter()
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of the measurements, NaN for none (a contender that did not run)."""
+    return statistics.median(values) if values else float("nan")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> str:
+    """One line: CPU model, cores usable by this process, torch threads, GPU if any."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    text = f"{cpu_model()}, {usable} cores usable ({os.cpu_count()} online), torch threads {torch.get_num_threads()}"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        text += f"; GPU {torch.cuda.get_device_name(0)} ({props.total_memory / 2**30:.0f} GiB)"
+    else:
+        text += "; no GPU"
+    return text
+
+
+def versions() -> str:
+    """Python, torch, torchvision and manyheads versions (plus extras such as keras when given)."""
+    import torchvision
+
+    import manyheads
+
+    parts = [
+        f"Python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        f"torchvision {torchvision.__version__}",
+        f"manyheads {manyheads.__version__}",
+    ]
+    if torch.cuda.is_available():
+        parts.append(f"CUDA {torch.version.cuda}")
+    return ", ".join(parts)
+
+
+def command(script: str, argv: Sequence[str]) -> str:
+    """The command line that reproduces this run, from the repository root."""
+    return shlex.join(["python", f"benchmarks/{script}", *argv])
+
+
+def fmt(value: float | int | str | None, digits: int = 3) -> str:
+    """A table cell: numbers to ``digits`` significant digits, NaN/None as "n/a"."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value != value:
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:.0f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A Markdown table; cells go through :func:`fmt`."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(title: str, script: str, argv: Sequence[str], body: str, notes: Sequence[str] = (), extra: str = "") -> str:
+    """A Markdown section: heading with date, machine, versions and command, then ``body`` and notes."""
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    lines = [
+        f"## {title} ({when})",
+        "",
+        f"- Machine: {machine()}",
+        f"- Versions: {versions()}{', ' + extra if extra else ''}",
+        f"- Command: `{command(script, argv)}`",
+        "",
+        body,
+    ]
+    if notes:
+        lines.append("")
+        lines += [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def emit(section: str, write: bool, output: str | os.PathLike | None) -> None:
+    """Print the section; with ``write`` append it to ``output`` (default BENCHMARKS.md)."""
+    print(section, flush=True)
+    if not write:
+        return
+    path = Path(output) if output else DEFAULT_OUTPUT
+    fresh = not path.exists() or path.stat().st_size == 0
+    with path.open("a", encoding="utf-8") as file:
+        if fresh:
+            file.write("# Benchmarks\n\nMeasured by the scripts in `benchmarks/`; each section says how.\n\n")
+        file.write(section + "\n")
+    print(f"appended to {path}", flush=True)
+
+
+def add_common_arguments(parser, *, tiny_help: str = "2-3 steps on tiny shapes: checks the script runs") -> None:
+    """Options every script has: --device, --tiny, --write, --output, --seed."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
+    parser.add_argument("--write", action="store_true", help="append the results to BENCHMARKS.md")
+    parser.add_argument("--output", default=None, help=f"file --write appends to (default {DEFAULT_OUTPUT.name})")
+    parser.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,102 @@
+"""Smoke tests of the benchmark scripts: each runs with --tiny in seconds and prints its table."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import common  # noqa: E402
+import inference  # noqa: E402
+import overhead  # noqa: E402
+import real_data  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny shapes gain nothing from more, and a busy machine punishes oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory) -> Path:
+    """A dozen random JPEGs named as UTKFace names them: age_gender_race_datetime.jpg.chip.jpg."""
+    folder = tmp_path_factory.mktemp("utkface")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{10 + 5 * i}_{i % 2}_{i % 5}_2017011{i:09d}.jpg.chip.jpg")
+    return folder
+
+
+def table_rows(section: str) -> list[list[str]]:
+    """Body rows of every Markdown table in ``section``, as cells."""
+    lines = [line for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_overhead_tiny_prints_a_row_per_contender_with_ratios(capsys):
+    section = overhead.main(["--tiny"])
+    assert section in capsys.readouterr().out
+    rows = {row[0]: row for row in table_rows(section)}
+    assert set(overhead.CONTENDERS.values()) <= set(rows)
+    assert rows[overhead.CONTENDERS["hand"]][4] == "1"  # the reference's ratio to itself
+    for name in ("mh", "mh_metrics"):
+        assert float(rows[overhead.CONTENDERS[name]][1]) > 0 and float(rows[overhead.CONTENDERS[name]][4]) > 0
+    assert "Command: `python benchmarks/overhead.py --tiny`" in section
+
+
+def test_overhead_memory_probe_reports_rss_growth(capsys):
+    overhead.main(["--tiny", "--probe", "mh"])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("PROBE "))
+    probe = json.loads(line.removeprefix("PROBE "))
+    assert probe["name"] == "mh" and probe["rss_growth_mib"] >= 0
+
+
+def test_real_data_tiny_times_the_cache_and_appends_to_the_output(faces, tmp_path):
+    output = tmp_path / "BENCH.md"
+    section = real_data.main(["--tiny", "--data", str(faces), "--write", "--output", str(output)])
+    rows = table_rows(section)
+    cache = next(row for row in rows if row[0] == "12")  # 12 images decoded, none unreadable
+    assert cache[1] == "0" and float(cache[3]) > 0
+    throughput = [row for row in rows if row[0].startswith(("hand-written", "mh.fit"))]
+    assert len(throughput) == 3 and all(float(row[1]) > 0 for row in throughput)
+    text = output.read_text()
+    assert text.startswith("# Benchmarks") and section in text
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside Keras's torch backend (numpy 2 copy=)
+def test_keras_peer_tiny_compares_speed_and_validation_metrics(faces):
+    import keras_peer  # sets KERAS_BACKEND=torch before keras is imported
+
+    pytest.importorskip("keras")
+
+    section = keras_peer.main(["--tiny", "--data", str(faces), "--limit", "10", "--batch", "4"])
+    rows = [row for row in table_rows(section) if row[0].startswith(("Keras", "manyheads"))]
+    assert len(rows) == 2 and rows[1][4] == "1"
+    for row in rows:
+        assert float(row[1]) > 0 and 0 <= float(row[6]) <= 1 and 0 <= float(row[7]) <= 1
+
+
+def test_inference_tiny_measures_each_batch_size():
+    section = inference.main(["--tiny", "--batches", "1,2"])
+    rows = [row for row in table_rows(section) if row[0] == "mobilenet_v2"]
+    assert [row[1] for row in rows] == ["1", "2"]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+
+
+def test_emit_writes_the_title_once_and_appends_sections(tmp_path, capsys):
+    output = tmp_path / "B.md"
+    common.emit("## one\n", True, output)
+    common.emit("## two\n", True, output)
+    text = output.read_text()
+    assert text.count("# Benchmarks") == 1 and text.index("## one") < text.index("## two")
+    assert common.table(["a", "b"], [[0.123456, float("nan")]]).splitlines()[-1] == "| 0.123 | n/a |"
