@@ -161,3 +161,13 @@ def test_optimizer_class_and_schedules(table):
         make_net(), table, optimizer=torch.optim.SGD, lr=0.05, schedule="onecycle", epochs=2, progress=False
     )
     assert result.history["lr"].iloc[-1] < 0.05 * 0.01  # annealed to about zero
+
+
+def test_frozen_trunk_epochs_train_only_the_heads(table):
+    net = make_net()
+    net(torch.as_tensor(table["x"][:2]))
+    trunk_before = [p.clone() for p in net.trunk.parameters()]
+    head_before = net.head_layers["age"].linear.weight.clone()
+    mh.fit(net, table, freeze_trunk_epochs=1, epochs=1, seed=0, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(trunk_before, net.trunk.parameters()))
+    assert not torch.equal(head_before, net.head_layers["age"].linear.weight)

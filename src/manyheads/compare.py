@@ -25,9 +25,9 @@ import torch
 from manyheads import data as datasets
 from manyheads import images as imaging
 from manyheads.heads import Head
-from manyheads.metrics import PRIMARY
+from manyheads.metrics import LOWER_IS_BETTER, PRIMARY
 from manyheads.net import MultiHeadNet
-from manyheads.training import LOWER_IS_BETTER, evaluate, fit
+from manyheads.training import evaluate, fit
 
 NetFactory = Callable[[dict[str, Head]], MultiHeadNet]
 NOT_OPTIONS = {"seed": "seeds=", "resume": "nothing (compare trains fresh models)"}

@@ -133,13 +133,14 @@ class TrainConfig(_Section):
     warmup: float = Field(0.3, ge=0, lt=1)
     freeze_trunk_epochs: int = Field(0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: on for named backbones with image inputs
     compile: bool = False
     augment: bool | AugmentConfig = True
     normalize: bool = False
     weights: str | None = None
-    monitor: str | None = None
+    monitor: str | dict[str, float] | None = None  # a column, or column -> weight (a weighted mix)
     patience: int | None = Field(None, ge=1)
+    keep_best_per_head: bool = False
     seed: int | None = 0  # fixed by default: a config reruns the same
     on_bad: Literal["error", "skip"] = "error"
     checkpoint_every: int | None = Field(None, ge=1)
@@ -189,11 +190,12 @@ class RunConfig(_Section):
                 raise ValueError(
                     f"heads {weighted} set a weight, but train.weights={strategy!r} sets the weights; drop one"
                 )
-        if self.train.monitor:
-            parts = self.train.monitor.split("/")
+        monitored = [self.train.monitor] if isinstance(self.train.monitor, str) else list(self.train.monitor or [])
+        for column in monitored:
+            parts = column.split("/")
             named = parts[1] if parts[0] in ("val", "train") and len(parts) > 1 else parts[0]
             if named not in self.heads and named != "total":
-                raise ValueError(f"train.monitor {self.train.monitor!r} names no head; heads: {sorted(self.heads)}")
+                raise ValueError(f"train.monitor {column!r} names no head; heads: {sorted(self.heads)}")
         if self.data.inputs in self.heads:
             raise ValueError(f"data.inputs {self.data.inputs!r} is also a head name")
         return self

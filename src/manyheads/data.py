@@ -191,6 +191,20 @@ def encode(
     )
 
 
+def fits_on_device(*sets: Encoded | None, device: torch.device, share: float = 0.25) -> bool:
+    """Whether the encoded sets together take at most ``share`` of the device's free memory."""
+    nbytes = sum(
+        t.numel() * t.element_size()
+        for data in sets
+        if data is not None
+        for t in (data.inputs, *data.targets.values(), *data.labelled.values())
+    )
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= share * free
+
+
 class Batches:
     """Shuffled batches of an :class:`Encoded` set on the training device, one epoch per call.
 

@@ -183,3 +183,49 @@ def resolve(
         else:
             raise ValueError(f"loss for head {name!r} must be a name or a callable, got {spec!r}")
     return resolved
+
+
+def fit_to_data(
+    resolved: ResolvedLosses,
+    targets: Mapping[str, torch.Tensor],
+    labelled: Mapping[str, torch.Tensor],
+    scales: Mapping[str, float],
+) -> None:
+    """Set what each loss takes from the training targets: regression scales and class weights."""
+    for name, loss in resolved.items():
+        if name in scales:
+            loss.scale = scales[name]
+        if loss.builtin and loss.kind.class_weights is not None:
+            weights = loss.kind.class_weight_vector(targets[name], labelled[name])
+            loss.class_weight = None if weights is None else weights.to(targets[name].device)
+
+
+def trivial_losses(
+    resolved: ResolvedLosses, targets: Mapping[str, torch.Tensor], labelled: Mapping[str, torch.Tensor]
+) -> dict[str, float]:
+    """Each head's loss under a constant predictor (the mean, or the label prior): ``normalize=True``."""
+    out = {}
+    for name, loss in resolved.items():
+        target = targets[name][labelled[name]]
+        if target.numel() == 0:
+            continue
+        head = loss.kind
+        if head.kind == "regression":
+            constant = torch.full_like(target, float(target.mean()))
+        elif head.kind in ("binary", "multilabel"):
+            p = target.float().mean(dim=0).clamp(1e-4, 1 - 1e-4)
+            constant = torch.log(p / (1 - p)).expand_as(target).clone()
+        else:
+            prior = torch.bincount(target.long(), minlength=len(head.labels)).float().clamp(min=1)
+            prior = prior / prior.sum()
+            if head.kind == "ordinal":  # CORN logits of the prior: P(rank > j | rank >= j)
+                tail = prior.flip(0).cumsum(0).flip(0)
+                p = (tail[1:] / tail[:-1]).clamp(1e-4, 1 - 1e-4)
+                logits = torch.log(p / (1 - p))
+            else:
+                logits = prior.log()
+            constant = logits.expand(len(target), -1).clone()
+        with torch.no_grad():
+            value = float(loss(constant, target, torch.ones(len(target), dtype=torch.bool, device=target.device)))
+        out[name] = max(value, 1e-6)
+    return out

@@ -22,6 +22,10 @@ PRIMARY = {
 }
 
 
+# History metrics where lower is better (everything else, e.g. accuracy, is higher-better).
+LOWER_IS_BETTER = ("loss", "mae", "rmse", "mae_bins")
+
+
 def head_metrics(head: Head, output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """Metrics of one head on labelled rows: raw outputs against encoded targets."""
     if target.shape[0] == 0:

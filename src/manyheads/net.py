@@ -19,7 +19,7 @@ from torch import nn
 
 from manyheads import backbones
 from manyheads.checkpoint import atomic_path
-from manyheads.heads import Head, HeadLayer, head_from_spec
+from manyheads.heads import Head, HeadLayer, Regression, head_from_spec
 
 FORMAT = "manyheads/1"
 
@@ -81,6 +81,28 @@ class MultiHeadNet(nn.Module):
                 raise ValueError(f"the module must return a dict with the heads {sorted(self.heads)}; got {found}")
             return {name: outputs[name] for name in self.heads}
         return self.head_outputs(self.features(x))
+
+    @torch.no_grad()
+    def fit_target_scales(self, targets: Mapping[str, torch.Tensor], labelled: Mapping[str, torch.Tensor]) -> dict:
+        """Set standardized regression heads' centre and scale from training targets (once, on a fresh net).
+
+        Returns each such head's scale, which its loss divides errors by.
+        """
+        scales = {}
+        for name, head in self.heads.items():
+            if not isinstance(head, Regression) or not head.standardize:
+                continue
+            values = targets[name][labelled[name]].float()
+            layer = self.head_layers[name] if name in self.head_layers else None
+            if layer is not None and not layer.fitted and values.numel() >= 2:
+                layer.center.fill_(values.mean())
+                layer.scale.fill_(values.std().clamp(min=1e-6))
+                layer.fitted.fill_(True)
+            if layer is not None:
+                scales[name] = float(layer.scale)
+            elif values.numel() >= 2:
+                scales[name] = float(values.std().clamp(min=1e-6))
+        return scales
 
     # ---- inference ----------------------------------------------------------------------
 

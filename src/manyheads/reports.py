@@ -27,7 +27,8 @@ def learning_curves(history: pd.DataFrame, heads: list[str], path: str | Path | 
                   - {"loss", "labels"})
         for h in heads
     }  # fmt: skip
-    rows = 1 + max((len(m) for m in metric_names.values()), default=0)
+    weighted = [h for h in heads if f"weight/{h}" in history]  # effective weights, one more row
+    rows = 1 + max((len(m) for m in metric_names.values()), default=0) + bool(weighted)
     fig, axes = plt.subplots(rows, len(heads), figsize=(4 * len(heads), 2.8 * rows), squeeze=False)
     for col, head in enumerate(heads):
         for row, metric in enumerate(["loss", *metric_names[head]]):
@@ -39,8 +40,13 @@ def learning_curves(history: pd.DataFrame, heads: list[str], path: str | Path | 
             ax.set_title(f"{head} {metric}")
             ax.set_xlabel("epoch")
             ax.legend()
-        for row in range(1 + len(metric_names[head]), rows):
+        for row in range(1 + len(metric_names[head]), rows - bool(weighted)):
             axes[row][col].axis("off")
+        if head in weighted:
+            ax = axes[rows - 1][col]
+            ax.plot(history["epoch"], history[f"weight/{head}"], marker="o", color="tab:green")
+            ax.set_title(f"{head} effective weight")
+            ax.set_xlabel("epoch")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=90)

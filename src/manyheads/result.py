@@ -5,6 +5,7 @@ result = mh.fit(net, df); result.history.tail(); result.plot("curves.png")
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,15 @@ class TrainResult:
     monitor: str = "val/total/loss"
     skipped: list[dict] = field(default_factory=list)
     seed: int | None = None
+    best_per_head: dict[str, dict] = field(default_factory=dict)  # head -> {"epoch", "state"}
+
+    def net_for(self, head: str) -> MultiHeadNet:
+        """A copy of the net at the best epoch for ``head`` (``fit(..., keep_best_per_head=True)``)."""
+        if head not in self.best_per_head:
+            raise ValueError(f"no best weights kept for head {head!r}; pass keep_best_per_head=True to fit")
+        net = copy.deepcopy(self.net)
+        net.load_state_dict(self.best_per_head[head]["state"])
+        return net.eval()
 
     def plot(self, path: str | Path | None = None):
         """Per-head learning curves (loss and metrics, train and validation); saved if ``path``."""
@@ -40,12 +50,15 @@ class TrainResult:
         self.net.save(run_dir / "model.safetensors")
         self.history.to_csv(run_dir / "history.csv", index=False)
         self.plot(run_dir / "learning_curves.png")
+        for head in self.best_per_head:
+            self.net_for(head).save(run_dir / f"best_{head}.safetensors")
         summary = {
             "best_epoch": self.best_epoch,
             "monitor": self.monitor,
             "seed": self.seed,
             "losses": {name: loss.describe() for name, loss in self.losses.items()},
             "skipped": self.skipped,
+            "best_epoch_per_head": {head: best["epoch"] for head, best in self.best_per_head.items()},
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return run_dir

@@ -24,54 +24,18 @@ from torch import nn
 
 from manyheads import balancing, checkpoint
 from manyheads import data as datasets
+from manyheads.data import fits_on_device
 from manyheads.distributed import Cluster
-from manyheads.heads import Head, HeadLayer, Regression
+from manyheads.heads import Head
 from manyheads.images import Augment
-from manyheads.losses import resolve
+from manyheads.losses import fit_to_data, resolve, trivial_losses
 from manyheads.net import MultiHeadNet
+from manyheads.optim import build_optimizer
+from manyheads.optim import schedule as lr_schedule
 from manyheads.result import TrainResult
+from manyheads.selection import Selector
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOWER_IS_BETTER = ("loss", "mae", "rmse", "mae_bins")
-
-
-def _schedule(kind: str | None, total_steps: int, warmup: float) -> Callable[[int], float]:
-    """Learning-rate factor per step: constant, cosine decay, or one-cycle (warm-up then cosine)."""
-    if kind in (None, "constant"):
-        return lambda step: 1.0
-    if kind not in ("cosine", "onecycle"):
-        raise ValueError(f"schedule must be None, 'cosine' or 'onecycle', got {kind!r}")
-    warm = int(total_steps * (warmup if kind == "onecycle" else 0.0))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return 0.04 + 0.96 * step / warm  # one-cycle starts at lr / 25, as torch's OneCycleLR
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _optimizer(name: Any, groups: list[dict], lr: float, weight_decay: float | None) -> torch.optim.Optimizer:
-    cls = OPTIMIZERS.get(name.lower()) if isinstance(name, str) else name
-    if cls is None:
-        raise ValueError(f"unknown optimizer {name!r}; available: {sorted(OPTIMIZERS)} or a torch optimizer class")
-    kwargs = {"lr": lr}
-    if weight_decay is not None:
-        kwargs["weight_decay"] = weight_decay
-    return cls(groups, **kwargs)
-
-
-def _monitor(monitor: str | None, has_validation: bool) -> tuple[str, bool]:
-    """History column to select the best epoch on, and whether lower is better."""
-    prefix = "val" if has_validation else "train"
-    if monitor is None:
-        return f"{prefix}/total/loss", True
-    column = monitor if monitor.startswith(("val/", "train/")) else f"{prefix}/{monitor}"
-    if column.count("/") == 1:  # "age" alone: that head's loss
-        column += "/loss"
-    return column, column.rsplit("/", 1)[-1] in LOWER_IS_BETTER
 
 
 def _default_device() -> torch.device:
@@ -86,51 +50,6 @@ def _wrap_net(net: nn.Module, heads: Mapping[str, Head] | None) -> MultiHeadNet:
     if not heads:
         raise ValueError("a plain nn.Module needs heads={name: mh.Regression(), ...} naming its outputs")
     return MultiHeadNet(net, heads, outputs_dict=True)
-
-
-def _standardize(net: MultiHeadNet, losses, train: datasets.Encoded) -> None:
-    """Regression heads learn in units of the targets' spread (set once, on a fresh net)."""
-    for name, head in net.heads.items():
-        if not isinstance(head, Regression) or not head.standardize:
-            continue
-        values = train.targets[name][train.labelled[name]]
-        if values.numel() < 2:
-            continue
-        layer = net.head_layers[name] if name in net.head_layers else None
-        if isinstance(layer, HeadLayer) and not layer.fitted:
-            layer.center.fill_(values.mean())
-            layer.scale.fill_(values.std().clamp(min=1e-6))
-            layer.fitted.fill_(True)
-        losses[name].scale = float(layer.scale) if isinstance(layer, HeadLayer) else float(values.std().clamp(min=1e-6))
-
-
-def _trivial_losses(losses, train: datasets.Encoded) -> dict[str, float]:
-    """Each head's loss under a constant predictor (mean, or label prior): for normalize=True."""
-    out = {}
-    for name, loss in losses.items():
-        target = train.targets[name][train.labelled[name]]
-        if target.numel() == 0:
-            continue
-        head = loss.kind
-        if head.kind == "regression":
-            constant = torch.full_like(target, float(target.mean()))
-        elif head.kind in ("binary", "multilabel"):
-            p = target.float().mean(dim=0).clamp(1e-4, 1 - 1e-4)
-            constant = torch.log(p / (1 - p)).expand_as(target).clone()
-        else:
-            prior = torch.bincount(target.long(), minlength=len(head.labels)).float().clamp(min=1)
-            prior = prior / prior.sum()
-            if head.kind == "ordinal":  # CORN logits of the prior: P(rank > j | rank >= j)
-                tail = prior.flip(0).cumsum(0).flip(0)
-                p = (tail[1:] / tail[:-1]).clamp(1e-4, 1 - 1e-4)
-                logits = torch.log(p / (1 - p))
-            else:
-                logits = prior.log()
-            constant = logits.expand(len(target), -1).clone()
-        with torch.no_grad():
-            value = float(loss(constant, target, torch.ones(len(target), dtype=torch.bool)))
-        out[name] = max(value, 1e-6)
-    return out
 
 
 def fit(
@@ -155,10 +74,11 @@ def fit(
     augment: Augment | bool = True,
     image_size: int | None = None,
     precision: str = "fp32",
-    channels_last: bool = False,
+    channels_last: bool | None = None,
     compile: bool = False,
-    monitor: str | None = None,
+    monitor: str | Mapping[str, float] | None = None,
     patience: int | None = None,
+    keep_best_per_head: bool = False,
     device: str | torch.device | None = None,
     seed: int | None = None,
     progress: bool = True,
@@ -174,11 +94,40 @@ def fit(
 ) -> TrainResult:
     """Train every head of ``net`` jointly on ``train`` and return a :class:`TrainResult`.
 
-    ``net`` is a :class:`MultiHeadNet`, or any module returning a dict of outputs with
-    ``heads=`` naming their kinds. ``losses`` and ``weights`` override per head (a weight may
-    also be a balancing strategy name). Rows missing a head's label still train the others.
-
         result = mh.fit(net, df, validation=0.15, losses={"age": "mae"}, weights={"gender": 5})
+
+    Data and heads:
+        net: a :class:`MultiHeadNet`, or any module returning a dict of outputs, with ``heads=``.
+        train, validation: a dict of columns, a DataFrame or a Dataset of dicts; ``validation``
+            may be a fraction of ``train`` (a seeded split). Rows missing a head's label (None,
+            NaN, pd.NA) still train the other heads.
+        inputs: the input column (default: the one column that is not a head).
+        image_size, augment, cache_dir, workers: image columns are decoded once into a uint8
+            cache (on disk under ``cache_dir``), then augmented (``augment=True`` or an
+            :class:`~manyheads.images.Augment`) and normalised on the device.
+        on_bad: ``"error"`` stops at a bad image or label naming it; ``"skip"`` drops and lists it.
+
+    Objective:
+        losses: per head, a registered name, a torch loss module or a callable ``(output, target)``.
+        weights: per-head constant multipliers, or a balancing strategy name (``"uncertainty"``,
+            ``"dwa"``, ``"gradnorm"``, ``"upgrad"``, ``"mgda"``, ... see :mod:`manyheads.balancing`).
+        normalize: divide each head's loss by its loss under a constant predictor.
+        on_nonfinite: ``"error"`` stops at a NaN/inf loss naming head and step; ``"skip"`` skips the batch.
+
+    Optimisation:
+        epochs, batch_size, lr, optimizer (a name or a torch optimizer class), weight_decay,
+        trunk_lr (a separate rate for the trunk), freeze_trunk_epochs, schedule (``"cosine"``,
+        ``"onecycle"`` with ``warmup`` as the rising fraction, or None), precision (``"fp32"``,
+        ``"bf16"``, ``"fp16"``), channels_last (None: on for named backbones), compile, device, seed.
+
+    Selection and records:
+        monitor: the history column to pick the best epoch by (``"age/mae"``, default the total
+            loss) or a mapping column -> weight for a weighted mix; patience: early stopping;
+            keep_best_per_head: also keep each head's best weights (``result.net_for(head)``).
+        train_metrics: per-head metrics on training batches too; progress: a bar per epoch.
+        run_dir: write model, history, curves and checkpoints there (``checkpoint_every`` steps
+            too); resume: continue the run in that folder where it stopped.
+        callbacks: called with each epoch's history row; returning False stops training.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -239,37 +188,31 @@ def fit(
             probe = next(datasets.Batches(train_data, 2, device, shuffle=False).epoch(0))[0]
             net(probe)
             net.train(was)
-    for data_ in (train_data, val_data):
-        if data_ is not None and device.type == "cuda":
-            data_.__dict__.update(data_.to(device).__dict__)  # the whole set lives on the GPU
+    if device.type == "cuda" and fits_on_device(train_data, val_data, device=device):
+        train_data = train_data.to(device)  # the whole set lives on the GPU: no copies per step
+        val_data = val_data.to(device) if val_data is not None else None
     if isinstance(augment, bool):
         augment = Augment() if augment else None
 
     # ---- objective ---------------------------------------------------------------------
     resolved = resolve(heads, losses, weights if isinstance(weights, Mapping) else None)
-    _standardize(net, resolved, train_data)
-    for name, loss in resolved.items():
-        if loss.builtin and loss.kind.class_weights is not None:
-            loss.class_weight = loss.kind.class_weight_vector(train_data.targets[name], train_data.labelled[name])
-            if loss.class_weight is not None:
-                loss.class_weight = loss.class_weight.to(device)
-    normalizers = _trivial_losses(resolved, train_data) if normalize else None
+    targets, labelled = train_data.targets, train_data.labelled
+    fit_to_data(resolved, targets, labelled, net.fit_target_scales(targets, labelled))
+    normalizers = trivial_losses(resolved, targets, labelled) if normalize else None
     balancer = balancing.create(weights, resolved, normalizers).to(device)
 
     # ---- optimizer and schedule -----------------------------------------------------------
-    trunk_params = [p for p in net.trunk.parameters()] if not net.outputs_dict else []
-    trunk_ids = {id(p) for p in trunk_params}
-    head_params = [p for p in net.parameters() if id(p) not in trunk_ids]
-    groups = [{"params": head_params + list(balancer.parameters())}]
-    if trunk_params:
-        groups.append({"params": trunk_params, "lr": trunk_lr if trunk_lr is not None else lr})
-    opt = _optimizer(optimizer, groups, lr, weight_decay)
+    opt, trunk_params = build_optimizer(
+        net, optimizer, lr=lr, trunk_lr=trunk_lr, weight_decay=weight_decay, extra=list(balancer.parameters())
+    )
+    if channels_last is None:  # named conv backbones run about 2x faster channels-last, on CPU and GPU alike
+        channels_last = net.backbone is not None and train_data.images
     batches = datasets.Batches(
         train_data, batch_size, device, seed=seed, augment=augment, channels_last=channels_last,
         shard=(cluster.rank, cluster.world),
     )  # fmt: skip
     total_steps = epochs * len(batches)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(schedule, total_steps, warmup))
+    scheduler = lr_schedule(opt, schedule, total_steps, warmup)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
     autocast = (
         torch.autocast(device.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision] else contextlib.nullcontext()
@@ -278,12 +221,11 @@ def fit(
         net.to(memory_format=torch.channels_last)
     model = cluster.wrap(net)
     step_model = torch.compile(model) if compile else model
-    monitor_column, lower_better = _monitor(monitor, val_data is not None)
+    selector = Selector(monitor, val_data is not None, heads=heads, per_head=keep_best_per_head)
 
     # ---- state, possibly resumed -----------------------------------------------------------
     names = list(heads)
     rows: list[dict] = []
-    best = {"score": None, "epoch": None, "state": None}
     start_epoch, start_step, partial = 0, 0, None
     run_dir = Path(run_dir) if run_dir is not None else None
     if state is not None:
@@ -295,7 +237,7 @@ def fit(
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
         rows = json.loads(state["history"])
-        best.update(score=state["best"]["score"], epoch=state["best"]["epoch"], state=state["best"]["state"])
+        selector.load_state_dict(state["best"])
         start_epoch, start_step = state["epoch"], state["step"]
         partial = state["partial"]
 
@@ -312,7 +254,7 @@ def fit(
                 "balancer": balancer.state_dict(), "rng": rng, "epoch": epoch, "step": step,
                 "partial": {"sums": sums.cpu(), "counts": counts.cpu(), "nonfinite": nonfinite},
                 "history": json.dumps(rows), "seed": seed,
-                "best": {"score": best["score"], "epoch": best["epoch"], "state": best["state"]},
+                "best": selector.state_dict(),
                 "spec": json.dumps(net.spec()),
             },
         )  # fmt: skip
@@ -417,35 +359,28 @@ def fit(
         if on_nonfinite == "skip":
             row["skipped_nonfinite"] = nonfinite_skipped
         rows.append(row)
-        score = row.get(monitor_column)
-        if score is None:
-            raise ValueError(f"monitor={monitor!r}: no history column {monitor_column!r}; columns: {sorted(row)}")
-        improved = best["score"] is None or (score < best["score"] if lower_better else score > best["score"])
-        if improved and not math.isnan(score):
-            best.update(
-                score=score, epoch=epoch + 1, state={k: v.detach().clone() for k, v in net.state_dict().items()}
-            )
+        selector.update(row, net)
         if progress and cluster.is_main:
             print(_summary(row, names), flush=True)
         for callback in callbacks or []:
             if callback(row) is False:
                 stop = True
-        if patience is not None and best["epoch"] is not None and epoch + 1 - best["epoch"] > patience:
-            stop = True
+        stop = stop or selector.should_stop(epoch + 1, patience)
         save_checkpoint(epoch + 1, 0, torch.zeros_like(sums), torch.zeros_like(counts))
         if stop:
             break
 
-    if best["state"] is not None:
-        net.load_state_dict(best["state"])
+    if selector.state is not None:
+        net.load_state_dict(selector.state)
     if cluster.world > 1:
         cluster.barrier()
     import pandas as pd
 
     history = pd.DataFrame(rows)
     result = TrainResult(
-        net=net.eval(), history=history, losses=resolved, best_epoch=best["epoch"], monitor=monitor_column,
-        skipped=bad, seed=seed,
+        net=net.eval(), history=history, losses=resolved, best_epoch=selector.epoch, monitor=selector.name,
+        skipped=bad, seed=seed, best_per_head={h: {"epoch": b["epoch"], "state": b["state"]}
+                                               for h, b in selector.head_best.items()},
     )  # fmt: skip
     if run_dir is not None and cluster.is_main:
         result.write(run_dir)
@@ -530,5 +465,8 @@ def _summary(row: dict, names: list[str]) -> str:
         if metric:
             bit += f" (val {metric.split('/')[2]} {row[metric]:.4g})"
         parts.append(bit)
+    weights = {n: row[f"weight/{n}"] for n in names if f"weight/{n}" in row}
+    if any(w != 1 for w in weights.values()):
+        parts.append("weights " + " ".join(f"{n}={w:.3g}" for n, w in weights.items()))
     parts.append(f"{row['seconds']:.1f}s")
     return " | ".join(parts)

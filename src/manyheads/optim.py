@@ -1,0 +1,63 @@
+"""Optimizer and learning-rate schedule: parameter groups (trunk and heads), and a per-step factor.
+
+The schedule is a plain function of the step inside ``LambdaLR``, so its whole state is one
+integer and a checkpoint restores it exactly.
+
+    opt, trunk = build_optimizer(net, "adamw", lr=1e-3, trunk_lr=1e-4); sched = schedule(opt, "onecycle", 800)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+SCHEDULES = (None, "constant", "cosine", "onecycle")
+
+
+def build_optimizer(
+    net: nn.Module,
+    name: Any = "adamw",
+    *,
+    lr: float = 1e-3,
+    trunk_lr: float | None = None,
+    weight_decay: float | None = None,
+    extra: list[nn.Parameter] | None = None,
+) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    """An optimizer over the net (trunk at ``trunk_lr`` if given) plus ``extra`` parameters; and the trunk's."""
+    cls = OPTIMIZERS.get(name.lower()) if isinstance(name, str) else name
+    if cls is None:
+        raise ValueError(f"unknown optimizer {name!r}; available: {sorted(OPTIMIZERS)} or a torch optimizer class")
+    trunk = list(net.trunk.parameters()) if not getattr(net, "outputs_dict", True) else []
+    in_trunk = {id(p) for p in trunk}
+    groups = [{"params": [p for p in net.parameters() if id(p) not in in_trunk] + list(extra or [])}]
+    if trunk:
+        groups.append({"params": trunk, "lr": trunk_lr if trunk_lr is not None else lr})
+    kwargs = {"lr": lr} if weight_decay is None else {"lr": lr, "weight_decay": weight_decay}
+    return cls(groups, **kwargs), trunk
+
+
+def schedule_factor(kind: str | None, total_steps: int, warmup: float = 0.3) -> Callable[[int], float]:
+    """Learning-rate factor per step: constant, cosine decay, or one-cycle (linear warm-up, then cosine)."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+    if kind in (None, "constant"):
+        return lambda step: 1.0
+    warm = int(total_steps * warmup) if kind == "onecycle" else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return 0.04 + 0.96 * step / warm  # one-cycle starts at lr / 25, as torch's OneCycleLR
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def schedule(opt: torch.optim.Optimizer, kind: str | None, total_steps: int, warmup: float = 0.3):
+    """``LambdaLR`` stepping once per training step."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(kind, total_steps, warmup))
