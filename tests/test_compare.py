@@ -122,3 +122,13 @@ def test_write_comparison_files(tmp_path):
     png = (out / "comparison.png").read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) > 5000
     assert math.isfinite(csv["difference"].sum())
+
+
+def test_single_head_models_keep_only_their_own_monitor_columns():
+    from manyheads.compare import _for_head
+
+    mix = {"age/mae": 0.1, "val/race/accuracy": -1}
+    assert _for_head({"monitor": mix}, "age")["monitor"] == {"age/mae": 0.1}
+    assert _for_head({"monitor": mix}, "gender")["monitor"] is None
+    assert _for_head({"monitor": "race/accuracy"}, "race")["monitor"] == "race/accuracy"
+    assert _for_head({"monitor": "race/accuracy"}, "age")["monitor"] is None

@@ -87,12 +87,16 @@ def _for_head(options: dict, head: str) -> dict:
     if isinstance(options.get("losses"), Mapping):
         options["losses"] = {k: v for k, v in options["losses"].items() if k == head}
     monitor = options.get("monitor")
-    if monitor is not None:
-        parts = monitor.split("/")
-        named = parts[1] if parts[0] in ("val", "train") and len(parts) > 1 else parts[0]
-        if named != head:
-            options["monitor"] = None  # another head's column: select on this head's own loss
+    if monitor is not None:  # keep the columns of this head; others' columns: select on its own loss
+        mix = {monitor: 1.0} if isinstance(monitor, str) else dict(monitor)
+        own = {column: w for column, w in mix.items() if _head_of(column) == head}
+        options["monitor"] = (next(iter(own)) if isinstance(monitor, str) else own) if own else None
     return options
+
+
+def _head_of(column: str) -> str:
+    parts = column.split("/")
+    return parts[1] if parts[0] in ("val", "train") and len(parts) > 1 else parts[0]
 
 
 def _parameters(net: MultiHeadNet) -> int:
