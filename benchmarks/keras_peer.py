@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> str:
         f"losses mae / binary_crossentropy / sparse_categorical_crossentropy, weights 1; {age_note}.",
         "manyheads gets the same uint8 images as an image column and normalises each batch on the device "
         "(/255, ImageNet mean/std); losses mae (on standardized age) / BCE / cross-entropy, weights 1; "
-        "torchvision's mobilenet_v2 keeps its dropout 0.2 before the heads, Keras's has none.",
+        "no dropout before the heads on either side (mh strips torchvision's classifier dropout; dropout= is 0).",
         "Epoch seconds include the epoch's validation pass on both sides (and Keras's and mh's training metrics). "
         "Validation metrics are after the last epoch, medians over rounds; Keras's MobileNetV2 uses batch-norm "
         "momentum 0.999 (torchvision 0.9), which from scratch makes its inference-mode statistics lag.",

@@ -59,3 +59,11 @@ def test_pretrained_without_cache_names_the_file_to_fetch(tmp_path, monkeypatch)
 
 def _no_network(*args, **kwargs):
     raise OSError("no network")
+
+
+def test_classifier_and_its_dropout_are_removed():
+    trunk, features = backbones.create("mobilenet_v2")
+    assert features == 1280
+    assert not any(isinstance(m, (torch.nn.Linear, torch.nn.Dropout)) for m in trunk.classifier.modules())
+    net = mh.MultiHeadNet("mobilenet_v2", {"g": mh.Binary()}, dropout=0.2)
+    assert isinstance(net.drop, torch.nn.Dropout) and net.drop.p == 0.2

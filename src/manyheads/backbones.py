@@ -41,7 +41,10 @@ def _torchvision_weights(name: str, pretrained: bool | str):
 
 
 def _strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
-    """Replace the model's last Linear layer by Identity, so it returns pooled features."""
+    """Replace the model's last Linear layer, and dropout beside it, by Identity: pooled features out.
+
+    Dropout before the heads is the net's own ``dropout=`` option, the same for every backbone.
+    """
     last = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -51,6 +54,9 @@ def _strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     path, linear = last
     parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
     setattr(parent, path.rsplit(".", 1)[-1], nn.Identity())
+    for name, module in parent.named_children():
+        if isinstance(module, nn.Dropout):
+            setattr(parent, name, nn.Identity())
     return model, linear.in_features
 
 

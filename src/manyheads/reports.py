@@ -27,7 +27,8 @@ def learning_curves(history: pd.DataFrame, heads: list[str], path: str | Path | 
                   - {"loss", "labels"})
         for h in heads
     }  # fmt: skip
-    weighted = [h for h in heads if f"weight/{h}" in history]  # effective weights, one more row
+    # balancing strategies change the weights per epoch: one more row shows them
+    weighted = [h for h in heads if f"weight/{h}" in history and history[f"weight/{h}"].nunique() > 1]
     rows = 1 + max((len(m) for m in metric_names.values()), default=0) + bool(weighted)
     fig, axes = plt.subplots(rows, len(heads), figsize=(4 * len(heads), 2.8 * rows), squeeze=False)
     for col, head in enumerate(heads):
