@@ -52,8 +52,10 @@ class Selector:
             lower = column.rsplit("/", 1)[-1] in LOWER_IS_BETTER
             # a single metric where higher is better is maximised; a mix is minimised as given
             self.weights[column] = float(weight) if (len(mix) > 1 or lower) else -float(weight)
-        self.name = next(iter(self.weights)) if len(self.weights) == 1 else " + ".join(
-            f"{w:g}*{c}" for c, w in self.weights.items()
+        self.name = (
+            next(iter(self.weights))
+            if len(self.weights) == 1
+            else " + ".join(f"{w:g}*{c}" for c, w in self.weights.items())
         )
         self.head_columns = {}
         if per_head and heads:
