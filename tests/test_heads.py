@@ -110,3 +110,10 @@ def test_bad_head_definitions():
     with pytest.raises(ValueError, match="unknown head kind"):
         head_from_spec({"kind": "nope"})
     assert not math.isnan(mh.Regression().encode([1.0])[0].item())
+
+
+def test_readout_is_probabilities_for_classifiers_and_values_for_regression():
+    assert mh.Regression().readout(torch.tensor([[2.5]])).tolist() == [2.5]
+    probabilities = mh.Categorical(["a", "b"]).readout(torch.tensor([[0.0, 0.0]]))
+    assert probabilities.tolist() == [[0.5, 0.5]]
+    assert mh.Binary().readout(torch.tensor([0.0])).tolist() == [[0.5, 0.5]]

@@ -50,8 +50,7 @@ class _Graph(nn.Module):
         raw = self.net(x)
         outputs = []
         for name, head in self.net.heads.items():
-            p = _ordinal_proba(head, raw[name]) if isinstance(head, Ordinal) else head.proba(raw[name])
-            outputs.append(head.canonical(raw[name]).float() if p is None else p)
+            outputs.append(_ordinal_proba(head, raw[name]) if isinstance(head, Ordinal) else head.readout(raw[name]))
         return tuple(outputs)
 
 

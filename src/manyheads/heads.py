@@ -121,6 +121,11 @@ class Head:
         """Per-class probabilities, or None for heads that are not classifiers."""
         return None
 
+    def readout(self, output: torch.Tensor) -> torch.Tensor:
+        """What a deployed head answers: class probabilities for classifiers, values for regression."""
+        p = self.proba(output)
+        return self.canonical(output).float() if p is None else p
+
     def decode(self, output: torch.Tensor) -> list:
         """Turn raw outputs into user-facing values (floats or label names)."""
         raise NotImplementedError

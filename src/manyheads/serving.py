@@ -77,11 +77,7 @@ class Predictor:
         device = next(net.parameters()).device
         with torch.no_grad():
             raw = net(images.normalize(torch.from_numpy(batch).to(device)))
-        outputs = {}
-        for name, head in self.heads.items():
-            p = head.proba(raw[name])
-            outputs[name] = (head.canonical(raw[name]).float() if p is None else p).cpu().numpy()
-        return outputs
+        return {name: head.readout(raw[name]).cpu().numpy() for name, head in self.heads.items()}
 
     def __call__(self, batch: np.ndarray) -> list[dict[str, Any]]:
         with self.lock:
