@@ -137,6 +137,8 @@ def fit(
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     net = _wrap_net(net, heads)
     heads = net.heads
+    # losses and weights are checked before any (possibly long) image decoding
+    resolved = resolve(heads, losses, weights if isinstance(weights, Mapping) else None)
     device = torch.device(device) if device is not None else _default_device()
     cluster = Cluster.from_env(device)
     if cluster.world > 1 and device.type == "cuda":
@@ -195,7 +197,6 @@ def fit(
         augment = Augment() if augment else None
 
     # ---- objective ---------------------------------------------------------------------
-    resolved = resolve(heads, losses, weights if isinstance(weights, Mapping) else None)
     targets, labelled = train_data.targets, train_data.labelled
     fit_to_data(resolved, targets, labelled, net.fit_target_scales(targets, labelled))
     normalizers = trivial_losses(resolved, targets, labelled) if normalize else None
