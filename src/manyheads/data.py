@@ -109,9 +109,6 @@ class Encoded:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
-    def labelled_counts(self) -> dict[str, int]:
-        return {name: int(mask.sum()) for name, mask in self.labelled.items()}
-
     def to(self, device: torch.device | str) -> Encoded:
         move = {"device": device, "non_blocking": True}
         return Encoded(
