@@ -24,6 +24,7 @@ from torch import nn
 
 from manyheads import balancing, checkpoint
 from manyheads import data as datasets
+from manyheads.allocator import keep_freed_memory
 from manyheads.data import fits_on_device
 from manyheads.distributed import Cluster
 from manyheads.heads import Head
@@ -143,6 +144,8 @@ def fit(
     cluster = Cluster.from_env(device)
     if cluster.world > 1 and device.type == "cuda":
         device = torch.device("cuda", cluster.local_rank)
+    if device.type == "cpu":
+        keep_freed_memory()  # activations are reused, not unmapped and faulted in again every step
     state = None
     if resume is not None:  # read first: the run's own seed decides the split and the batches
         run_dir = Path(resume)
