@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 import manyheads as mh
+from manyheads.data import split_rows
 from manyheads.heads import head_from_spec
 from manyheads.images import BadImageError, load_rgb
 
@@ -175,6 +176,24 @@ def test_nan_and_inf_in_tensor_inputs():
     assert [item["row"] for item in result.skipped] == [7, 11]
     assert result.history["train/y/labels"].iloc[0] == 38
     assert math.isfinite(result.history["train/y/loss"].iloc[0])
+
+
+def test_with_a_validation_fraction_rows_are_named_as_in_the_users_table():
+    x = torch.randn(40, 5)
+    table = {"x": x, "y": x.sum(1).tolist()}
+    train_rows, val_rows = split_rows(40, 0.25, seed=0)
+    for row in (int(train_rows[-1]), int(val_rows[-1])):  # one bad row on each side of the split
+        table["y"][row] = "n/a"
+    options = dict(epochs=1, progress=False, validation=0.25, seed=0)
+    torch.manual_seed(0)
+    net = mh.MultiHeadNet(nn.Sequential(nn.Linear(5, 8), nn.ReLU()), {"y": mh.Regression()})
+    with pytest.raises(ValueError, match=f"head 'y', column 'y', row {int(train_rows[-1])}: "):
+        mh.fit(net, table, **options)
+    with pytest.warns(UserWarning, match="label not a number: 2"):
+        result = mh.fit(net, table, on_bad="skip", **options)
+    named = sorted(item["row"] for item in result.skipped)
+    assert named == sorted([int(train_rows[-1]), int(val_rows[-1])])
+    assert all(f"row {item['row']}: " in item["reason"] for item in result.skipped)
 
 
 def test_when_every_row_is_bad_training_says_so(folder):

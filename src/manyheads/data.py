@@ -10,7 +10,7 @@ rows that are not labelled for that head.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,14 +67,19 @@ def take(table: Table, rows: np.ndarray | list[int]) -> Table:
     return out
 
 
-def split(table: Table, fraction: float, seed: int | None = 0) -> tuple[Table, Table]:
-    """Seeded random split into (train, held-out) with ``fraction`` of the rows held out."""
+def split_rows(n: int, fraction: float, seed: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random (kept, held-out) row positions of ``n`` rows, ``fraction`` held out; both sorted."""
     if not 0 < fraction < 1:
         raise ValueError(f"a validation fraction must be between 0 and 1, got {fraction}")
-    n = n_rows(table)
     order = np.random.default_rng(seed).permutation(n)
     held = max(1, int(round(n * fraction)))
-    return take(table, np.sort(order[held:])), take(table, np.sort(order[:held]))
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def split(table: Table, fraction: float, seed: int | None = 0) -> tuple[Table, Table]:
+    """Seeded random split into (train, held-out) with ``fraction`` of the rows held out."""
+    kept, held = split_rows(n_rows(table), fraction, seed)
+    return take(table, kept), take(table, held)
 
 
 def input_column(table: Table, heads: Mapping[str, Head], inputs: str | None) -> str:
@@ -120,7 +125,7 @@ class Encoded:
         )
 
 
-def _numeric_inputs(column: Any, name: str, bad: dict[int, str] | None) -> torch.Tensor:
+def _numeric_inputs(column: Any, name: str, bad: dict[int, str] | None, row_numbers: Sequence[int]) -> torch.Tensor:
     try:
         if isinstance(column, torch.Tensor):
             inputs = column.float()
@@ -129,10 +134,11 @@ def _numeric_inputs(column: Any, name: str, bad: dict[int, str] | None) -> torch
     except (TypeError, ValueError) as error:
         raise ValueError(f"input column {name!r}: values must be numbers or arrays of one shape ({error})") from None
     finite = torch.isfinite(inputs.reshape(inputs.shape[0], -1)).all(dim=1)
-    for row in (~finite).nonzero().flatten().tolist():
+    for position in (~finite).nonzero().flatten().tolist():
+        row = row_numbers[position]
         if bad is None:
             raise ValueError(f"input column {name!r}, row {row}: contains NaN or inf (on_bad='skip' drops such rows)")
-        bad.setdefault(row, Reason(f"input column {name!r}, row {row}: NaN or inf", "input NaN or inf"))
+        bad.setdefault(position, Reason(f"input column {name!r}, row {row}: NaN or inf", "input NaN or inf"))
     return inputs
 
 
@@ -146,11 +152,16 @@ def encode(
     cache_dir: str | None = None,
     workers: int | None = None,
     progress: bool = False,
+    row_numbers: Sequence[int] | None = None,
 ) -> Encoded:
-    """Encode the input column and each head's targets; ``on_bad="skip"`` drops bad rows, listed."""
+    """Encode the input column and each head's targets; ``on_bad="skip"`` drops bad rows, listed.
+
+    ``row_numbers[i]`` is the row that messages and ``Encoded.bad`` name for position ``i`` (the
+    row in the user's table when ``table`` is a part of it); by default the position itself.
+    """
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
-    bad: dict[int, str] | None = {} if on_bad == "skip" else None
+    bad: dict[int, str] | None = {} if on_bad == "skip" else None  # position -> reason
     column = table[input_name]
     is_images = imaging.looks_like_images(column)
     if is_images:
@@ -162,10 +173,11 @@ def encode(
         for item in cache.bad:  # "corrupt JPEG (broken data stream...)" counts as "corrupt JPEG"
             bad[item.index] = Reason(f"{item.source}: {item.reason}", item.reason.split(" (")[0])
     else:
-        inputs = _numeric_inputs(column, input_name, bad)
+        rows_named = row_numbers if row_numbers is not None else range(n_rows(table))
+        inputs = _numeric_inputs(column, input_name, bad, rows_named)
     targets, labelled = {}, {}
     for name, head in heads.items():
-        targets[name], labelled[name] = head.encode(table[name], name=name, bad=bad)
+        targets[name], labelled[name] = head.encode(table[name], name=name, bad=bad, row_numbers=row_numbers)
     keep = torch.ones(n_rows(table), dtype=torch.bool)
     if bad:
         keep[list(bad)] = False
@@ -182,8 +194,12 @@ def encode(
         {k: v[rows] if bad else v for k, v in labelled.items()},
         images=is_images,
         bad=[
-            {"row": row, "kind": getattr(reason, "kind", "bad row"), "reason": str(reason)}
-            for row, reason in sorted((bad or {}).items())
+            {
+                "row": int(row_numbers[i]) if row_numbers is not None else i,
+                "kind": getattr(reason, "kind", "bad row"),
+                "reason": str(reason),
+            }
+            for i, reason in sorted((bad or {}).items())
         ],
     )
 

@@ -81,12 +81,21 @@ class Head:
     def out_features(self) -> int:
         return 1
 
-    def encode(self, values: Any, *, name: str = "?", column: str | None = None, bad: dict | None = None) -> Encoded:
+    def encode(
+        self,
+        values: Any,
+        *,
+        name: str = "?",
+        column: str | None = None,
+        bad: dict | None = None,
+        row_numbers: Sequence[int] | None = None,
+    ) -> Encoded:
         """Encode a column into ``(target, labelled)``; missing labels get a placeholder.
 
         A value that cannot be encoded raises ``ValueError`` naming head, column and row, or,
-        when a ``bad`` dict is given, is recorded there (row -> reason, a :class:`Reason` str)
-        and left unlabelled.
+        when a ``bad`` dict is given, is recorded there (position -> reason, a :class:`Reason`
+        str) and left unlabelled. Messages name ``row_numbers[position]`` when given (the row
+        in the user's table when ``values`` is a part of it), else the position.
         """
         values = _as_list(values)
         column = column or name
@@ -95,7 +104,7 @@ class Head:
             try:
                 if is_missing(value):
                     raise LookupError
-                targets.append(self._encode_one(value, name, column, row))
+                targets.append(self._encode_one(value, name, column, row if row_numbers is None else row_numbers[row]))
                 labelled.append(True)
             except LookupError:
                 targets.append(self._placeholder())

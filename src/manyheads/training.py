@@ -160,8 +160,10 @@ def fit(
     # ---- data: table -> encoded tensors -> batches on the device -------------------------
     table = datasets.columns_of(train, "train")
     input_name = datasets.input_column(table, heads, inputs)
+    train_rows = val_rows = None  # positions in the user's table, which errors name
     if isinstance(validation, float):
-        table, val_table = datasets.split(table, validation, seed)
+        train_rows, val_rows = datasets.split_rows(datasets.n_rows(table), validation, seed)
+        table, val_table = datasets.take(table, train_rows), datasets.take(table, val_rows)
     else:
         val_table = None if validation is None else datasets.columns_of(validation, "validation")
     image_size = image_size or net.image_size
@@ -172,8 +174,10 @@ def fit(
         workers=workers,
         progress=progress and cluster.is_main,
     )
-    train_data = datasets.encode(table, heads, input_name, **encode)
-    val_data = datasets.encode(val_table, heads, input_name, **encode) if val_table is not None else None
+    train_data = datasets.encode(table, heads, input_name, row_numbers=train_rows, **encode)
+    val_data = None
+    if val_table is not None:
+        val_data = datasets.encode(val_table, heads, input_name, row_numbers=val_rows, **encode)
     bad = train_data.bad + ([{**b, "split": "validation"} for b in val_data.bad] if val_data else [])
     if bad and cluster.is_main:
         kinds = ", ".join(f"{kind}: {n}" for kind, n in Counter(b["kind"] for b in bad).most_common())
