@@ -105,6 +105,19 @@ def test_evaluate_rewrites_the_report_on_the_test_split(trained, capsys):
     assert json.loads((run.parent / "all" / "metrics.json").read_text())["rows"] == 48
 
 
+def test_evaluate_with_flip_tta_writes_its_own_report_and_leaves_the_runs_alone(trained, capsys):
+    run = trained["run"]
+    before = (run / "metrics.json").read_text()
+    code, out, err = run_cli(capsys, "evaluate", run, "--tta", "flip")
+    assert code == 0, err
+    report = run / "eval-tta-flip"
+    assert f"report: {report / 'report.md'}" in out and "(tta: flip)" in (report / "report.md").read_text()
+    assert (run / "metrics.json").read_text() == before
+    assert json.loads((report / "metrics.json").read_text())["rows"] == json.loads(before)["rows"]
+    code, out, err = run_cli(capsys, "evaluate", run, "--tta", "none")  # the model's own setting: the run's folder
+    assert code == 0 and f"report: {run / 'report.md'}" in out
+
+
 def test_evaluate_notices_missing_test_images(trained, capsys, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)

@@ -18,7 +18,7 @@ GOOD = {
         "gender": {"kind": "binary", "labels": ["male", "female"], "weight": 2},
         "race": {"kind": "categorical", "labels": ["a", "b", "c"], "class_weights": "balanced"},
     },
-    "model": {"backbone": "mobilenet_v3_small", "image_size": 64},
+    "model": {"backbone": "mobilenet_v3_small", "image_size": 64, "tta": "flip"},
     "train": {"epochs": 2, "schedule": "onecycle", "augment": {"jitter": 0.2}},
 }
 
@@ -37,7 +37,7 @@ def test_good_config_builds_the_net_and_fit_arguments(tmp_path):
     assert heads["gender"].labels == ["male", "female"]
     assert heads["race"].class_weights == "balanced"
     net = cfg.build_net()
-    assert net.backbone == "mobilenet_v3_small" and net.image_size == 64
+    assert net.backbone == "mobilenet_v3_small" and net.image_size == 64 and net.tta == "flip"
     options = cfg.fit_kwargs()
     assert options["losses"] == {"age": "mae"}
     assert options["weights"] == {"age": 1.0, "gender": 2.0, "race": 1.0}

@@ -115,6 +115,15 @@ def test_a_torchvision_backbone_exports(tmp_path):
         assert_same_predictions(net, model, pictures(n, seed=10 + n))
 
 
+def test_flip_tta_is_inside_the_graph(tmp_path):
+    net = conv_net()
+    net.tta = "flip"
+    model = OnnxModel(export_onnx(net, tmp_path / "tta.onnx"))
+    assert model.spec()["tta"] == "flip"
+    for n in (1, 3):
+        assert_same_predictions(net, model, pictures(n, seed=20 + n))
+
+
 def test_non_image_nets_take_float_input(tmp_path):
     torch.manual_seed(0)
     heads = {"y": mh.Regression(), "c": mh.Categorical(["a", "b", "c"])}

@@ -72,17 +72,20 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     run = Path(args.run)
     net = load(runs.model_file(run))
+    tta = {"flip": "flip", "none": None}.get(args.tta, net.tta)
+    suffix = f"-tta-{args.tta}" if tta != net.tta else ""  # another answer than the run's: its own folder
+    net.tta = tta
     if args.data is not None:
         if not (run / "config.yaml").is_file():
             raise FileNotFoundError(f"{run / 'config.yaml'} not found: give the run folder made by `manyheads train`")
         cfg = _with_data(load_config(run / "config.yaml"), str(Path(args.data).resolve()))
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": args.limit})})
         df = runs.load_table(cfg)
-        out = Path(args.out) if args.out else run / f"eval-{Path(args.data).stem}"
+        out = Path(args.out) if args.out else run / f"eval-{Path(args.data).stem}{suffix}"
         note = f"All {len(df)} rows of the {cfg.data.source} data at {cfg.data.path}."
     else:
         cfg, df = runs.load_test_split(run)
-        out = Path(args.out) if args.out else run
+        out = Path(args.out) if args.out else run / f"eval{suffix}" if suffix else run
         note = f"The run's test split: {len(df)} rows recorded in split.json, never trained on."
     report = evaluate_report(net, df, out, inputs=cfg.data.inputs, title="Evaluation report", note=note)
     print(f"report: {out / 'report.md'}\n{report['rows']} rows: {_headline(report)}")
@@ -140,10 +143,9 @@ def _compare(args: argparse.Namespace) -> None:
     train, validation, test = runs.Split.of(len(df), cfg.split).parts(df)
     options = cfg.fit_kwargs()
     seed = options.pop("seed")
-    m = cfg.model
 
     def net_factory(heads):
-        return MultiHeadNet(m.backbone, heads, pretrained=m.pretrained, image_size=m.image_size, dropout=m.dropout)
+        return MultiHeadNet(**{**cfg.net_kwargs(), "heads": heads})
 
     if args.strategies:
         options.pop("weights")
@@ -174,7 +176,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder")
     p.add_argument("--data", help="evaluate on all of this data (same source kind as the run's)")
     p.add_argument("--limit", type=int, help="with --data: evaluate on this many rows, evenly spaced")
-    p.add_argument("--out", help="report folder (default: the run folder, or RUN/eval-<data name> with --data)")
+    p.add_argument("--tta", choices=["flip", "none"], help="test-time augmentation (default: the model's own)")
+    p.add_argument(
+        "--out",
+        help="report folder (default: the run folder, or RUN/eval-<data name> with --data; "
+        "RUN/eval-tta-<tta> when --tta changes the model's answers)",
+    )
     p.set_defaults(handler=_evaluate)
 
     p = commands.add_parser("predict", help="predict every head for image files")

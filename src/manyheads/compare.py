@@ -46,7 +46,11 @@ def _factory(net_factory: NetFactory | MultiHeadNet | str, heads: Mapping[str, H
         def rebuild(subset: dict[str, Head]) -> MultiHeadNet:
             # Every model starts from the same trunk weights (pretrained or not): a deep copy.
             net = MultiHeadNet(
-                copy.deepcopy(template.trunk), subset, image_size=template.image_size, dropout=template.dropout
+                copy.deepcopy(template.trunk),
+                subset,
+                image_size=template.image_size,
+                dropout=template.dropout,
+                tta=template.tta,
             )
             net.backbone = template.backbone
             return net

@@ -91,12 +91,13 @@ class HeadConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The net: a backbone by name (torchvision, or ``timm:NAME``), its input size and dropout."""
+    """The net: a backbone by name (torchvision, or ``timm:NAME``), input size, dropout, test-time flips."""
 
     backbone: str = "mobilenet_v2"
     pretrained: bool | str = False  # True: the default ImageNet weights; a string names torchvision weights
     image_size: int = Field(128, ge=16)
     dropout: float = Field(0.0, ge=0, lt=1)
+    tta: Literal["flip"] | None = None  # "flip": answers average the image and its mirror
 
     @field_validator("backbone")
     @classmethod
@@ -215,6 +216,7 @@ class RunConfig(_Section):
             "pretrained": m.pretrained,
             "image_size": m.image_size,
             "dropout": m.dropout,
+            "tta": m.tta,
         }
 
     def build_net(self):

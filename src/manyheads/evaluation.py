@@ -196,6 +196,8 @@ def _markdown(net, report: dict) -> str:
     heads = report["heads"]
     arrow = {name: "↑" if h["higher_is_better"] else "↓" for name, h in heads.items()}
     model = f"{net.backbone} at {net.image_size} px" if getattr(net, "backbone", None) else type(net).__name__
+    if getattr(net, "tta", None) == "flip":
+        model += ", answers averaged over each image and its mirror image (tta: flip)"
     lines = [f"# {report['title']}", ""] + ([report["note"], ""] if report["note"] else [])
     lines += [f"Model: {model}; heads: " + ", ".join(f"{n} ({h['kind']})" for n, h in heads.items()) + ".",
               f"Rows evaluated: {report['rows']}" + (f"; skipped {len(report['skipped'])} unreadable or invalid "

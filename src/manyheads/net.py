@@ -22,6 +22,7 @@ from manyheads.checkpoint import atomic_path
 from manyheads.heads import Head, HeadLayer, Regression, head_from_spec
 
 FORMAT = "manyheads/1"
+TTA_MODES = (None, "flip")
 
 
 class MultiHeadNet(nn.Module):
@@ -30,6 +31,9 @@ class MultiHeadNet(nn.Module):
     ``trunk`` is an ``nn.Module`` or a backbone name (see :func:`manyheads.backbones.available`).
     ``forward`` returns a dict head name -> raw output (logits for classification heads).
     With ``outputs_dict=True`` the trunk itself returns that dict (a whole multi-output module).
+    With ``tta="flip"``, in eval mode each head's raw output is the mean over the image and its
+    mirror image (test-time augmentation at twice the inference cost). It is part of the net, so
+    validation, ``predict``, reports, the ONNX graph and the service all answer alike.
     """
 
     def __init__(
@@ -41,10 +45,13 @@ class MultiHeadNet(nn.Module):
         image_size: int | None = None,
         dropout: float = 0.0,
         outputs_dict: bool = False,
+        tta: str | None = None,
     ) -> None:
         super().__init__()
         if not heads:
             raise ValueError("a MultiHeadNet needs at least one head")
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta={tta!r} is not one of {TTA_MODES}")
         bad = [name for name, head in heads.items() if not isinstance(head, Head)]
         if bad:
             raise ValueError(f"heads {bad} are not head kinds (mh.Regression(), mh.Binary(), ...)")
@@ -53,6 +60,7 @@ class MultiHeadNet(nn.Module):
         self.image_size = image_size or (128 if self.backbone else None)
         self.outputs_dict = outputs_dict
         self.dropout = dropout
+        self.tta = tta
         if self.backbone:
             trunk, features = backbones.create(self.backbone, pretrained)
         else:
@@ -74,6 +82,15 @@ class MultiHeadNet(nn.Module):
         return {name: layer(features) for name, layer in self.head_layers.items()}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.tta == "flip" and not self.training:
+            if x.dim() != 4:
+                raise ValueError(f"tta='flip' mirrors image batches [B, C, H, W]; this input has shape {list(x.shape)}")
+            n = x.shape[0]
+            both = self._outputs(torch.cat([x, x.flip(3)]))  # one pass over both: better use of the device
+            return {name: (out[:n] + out[n:]) / 2 for name, out in both.items()}
+        return self._outputs(x)
+
+    def _outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.outputs_dict:
             outputs = self.trunk(x)
             if not isinstance(outputs, Mapping) or set(outputs) < set(self.heads):
@@ -163,6 +180,7 @@ class MultiHeadNet(nn.Module):
             "image_size": self.image_size,
             "dropout": self.dropout,
             "outputs_dict": self.outputs_dict,
+            "tta": self.tta,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -209,6 +227,7 @@ def load(path: str | os.PathLike, *, trunk: nn.Module | None = None, device: str
         image_size=spec["image_size"],
         dropout=spec.get("dropout", 0.0),
         outputs_dict=spec.get("outputs_dict", False),
+        tta=spec.get("tta"),
     )
     state = load_file(str(path))
     net.load_state_dict(state)
