@@ -89,3 +89,21 @@ def test_resume_refuses_a_changed_test_split(tmp_path, monkeypatch):
         runs.train(runs.DEMO, run, resume=True, progress=False)
     with pytest.raises(ValueError, match="no checkpoint.pt to resume from"):
         runs.train(runs.DEMO, tmp_path / "fresh", resume=True, progress=False)
+
+
+def test_a_config_starts_from_the_same_weights_whatever_ran_before(tmp_path, monkeypatch):
+    initial = []
+
+    def fake_fit(net, train, **options):
+        initial.append({k: v.clone() for k, v in net.state_dict().items()})
+        return type("Result", (), {"net": net})()
+
+    monkeypatch.setattr("manyheads.training.fit", fake_fit)
+    monkeypatch.setenv("RANK", "1")  # rank 1 trains but writes no files
+    for before in (1, 2):
+        torch.manual_seed(before)  # whatever the caller's random state, the run's seed decides
+        runs.train(runs.DEMO, tmp_path / "run", progress=False)
+    first, second = initial
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any("head_layers" in k for k in first)  # the head layers, built before fit seeds, are compared too

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from manyheads import datasets
 from manyheads.config import DataConfig, ModelConfig, RunConfig, SplitConfig, load_config, parse_config
@@ -176,6 +177,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, p
         (out / "config.yaml").write_text(cfg.resolved().to_yaml())
         (out / "split.json").write_text(json.dumps(record, indent=1))
     train_df, val_df, test_df = split.parts(df)
+    if cfg.train.seed is not None:
+        torch.manual_seed(cfg.train.seed)  # the head layers' initial weights too: a config reruns the same
     result = fit(
         cfg.build_net(), train_df, validation=val_df, run_dir=out, resume=out if resume else None,
         progress=progress, **cfg.fit_kwargs(),
