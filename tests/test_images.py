@@ -354,3 +354,16 @@ def test_normalize_matches_torchvision():
 )
 def test_looks_like_images(column, expected):
     assert looks_like_images(column) is expected
+
+
+def test_uint8_batches_at_the_training_size_are_used_without_a_copy():
+    from manyheads.data import encode
+    from manyheads.heads import Regression
+
+    pictures = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    table = {"image": pictures, "y": [float(i) for i in range(6)]}
+    encoded = encode(table, {"y": Regression()}, "image", image_size=16)
+    assert encoded.inputs.data_ptr() == pictures.data_ptr()  # the user's tensor itself, not a copy
+    other_size = encode(table, {"y": Regression()}, "image", image_size=8)  # resized: a new cache
+    assert other_size.inputs.shape == (6, 3, 8, 8) and other_size.inputs.data_ptr() != pictures.data_ptr()
+    assert images.ready_cache(pictures.float(), 16) is None

@@ -167,7 +167,7 @@ def encode(
     if is_images:
         if image_size is None:
             raise ValueError(f"input column {input_name!r} holds images; pass image_size=")
-        cache = imaging.build_cache(
+        cache = imaging.ready_cache(column, image_size) or imaging.build_cache(
             list(column), image_size, cache_dir=cache_dir, workers=workers, progress=progress, on_bad=on_bad
         )
         for item in cache.bad:  # "corrupt JPEG (broken data stream...)" counts as "corrupt JPEG"

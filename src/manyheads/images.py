@@ -173,6 +173,13 @@ def _decode_all(items: list[Any], size: int, sources: list[str]) -> list[np.ndar
     return out
 
 
+def ready_cache(column: Any, size: int) -> ImageCache | None:
+    """A uint8 [N, 3, size, size] tensor already is what a cache would hold: used as is, not copied."""
+    if isinstance(column, torch.Tensor) and column.dtype == torch.uint8 and tuple(column.shape[1:]) == (3, size, size):
+        return ImageCache(column, torch.arange(len(column)), [])
+    return None
+
+
 def build_cache(
     items: Sequence[Any],
     size: int,
