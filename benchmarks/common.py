@@ -44,6 +44,56 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+class PeakRSS:
+    """Peak resident memory of this process during a ``with`` block, above what it held at entry (MiB).
+
+    Linux only: entry resets the kernel's high-water mark (``/proc/self/clear_refs``), exit reads
+    ``VmHWM``; ``growth_mib`` stays NaN elsewhere. ru_maxrss cannot do this: it never resets.
+
+        with PeakRSS() as peak: train(); print(peak.growth_mib)
+    """
+
+    def __init__(self) -> None:
+        self.start_kib = self.peak_kib = None
+        self.growth_mib = float("nan")
+
+    def __enter__(self) -> PeakRSS:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.start_kib = _proc_status_kib("VmRSS")
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.start_kib is not None:
+            self.peak_kib = _proc_status_kib("VmHWM")
+            self.growth_mib = (self.peak_kib - self.start_kib) / 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def same_allocator(device: torch.device) -> str:
+    """Give every contender of this process mh.fit's CPU malloc settings from the start; a note saying so.
+
+    mh.fit applies :func:`manyheads.allocator.keep_freed_memory` on the CPU, process-wide, so without
+    this the contenders run before its first call would see another allocator than those after.
+    """
+    if device.type != "cpu":
+        return "GPU run: the CPU allocator settings play no part."
+    from manyheads.allocator import keep_freed_memory
+
+    if keep_freed_memory():
+        return ("Every contender runs with glibc malloc keeping freed memory (manyheads.allocator, which mh.fit "
+                "applies on the CPU), set at the start of the process.")  # fmt: skip
+    return "glibc malloc defaults for every contender (manyheads.allocator not applied here)."
+
+
 def median(values: Sequence[float]) -> float:
     """Median of the measurements, NaN for none (a contender that did not run)."""
     return statistics.median(values) if values else float("nan")

@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> str:
     device = common.device_of(args.device)
     if device.type != ("cuda" if torch.cuda.is_available() else "cpu"):
         raise ValueError("Keras's torch backend picks CUDA whenever it is available; --device must match it")
+    allocator_note = common.same_allocator(device)
     data = load(args)
     runs = {"keras": [], "mh": []}
     for r in range(args.rounds):  # Keras E epochs, manyheads E epochs, Keras, manyheads, ...
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> str:
         "Epoch seconds include the epoch's validation pass on both sides (and Keras's and mh's training metrics). "
         "Validation metrics are after the last epoch, medians over rounds; Keras's MobileNetV2 uses batch-norm "
         "momentum 0.999 (torchvision 0.9), which from scratch makes its inference-mode statistics lag.",
+        allocator_note,
     ]
     extra = f"keras {keras.__version__}"
     section = common.report("Peer: Keras 3 vs manyheads, same three-head MobileNetV2", "keras_peer.py", argv,

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parse(argv)
     device = common.device_of(args.device)
     settings = overhead.Settings(args.model, args.size, args.batch, args.precision, args.channels_last)
+    allocator_note = common.same_allocator(device)
     df = mh.datasets.utkface(args.data, limit=args.limit)
     n = len(df)
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="mh-bench-cache-"))
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> str:
         "mh's default Augment (crop, flip, jitter) on the training device. The hand-written loop does no "
         "augmentation. mh epoch time is history['seconds'].",
         "set-up s/call: the call's wall time minus its epochs (mh: opening the cache, encoding labels, optimizer).",
+        allocator_note,
     ]
     section = common.report("Real data: UTKFace JPEGs vs synthetic tensors", "real_data.py", argv, body, notes)
     common.emit(section, args.write, args.output)

@@ -100,3 +100,26 @@ def test_emit_writes_the_title_once_and_appends_sections(tmp_path, capsys):
     text = output.read_text()
     assert text.count("# Benchmarks") == 1 and text.index("## one") < text.index("## two")
     assert common.table(["a", "b"], [[0.123456, float("nan")]]).splitlines()[-1] == "| 0.123 | n/a |"
+
+
+def test_cpu_allocator_tiny_runs_each_setting_in_its_own_process(faces):
+    import cpu_allocator
+
+    section = cpu_allocator.main(["--tiny", "--data", str(faces)])
+    rows = {row[0]: row for row in table_rows(section)}
+    assert set(cpu_allocator.CONTENDERS.values()) <= set(rows)
+    assert rows[cpu_allocator.CONTENDERS["system"]][3] == "1"  # the reference's ratio to itself
+    kept = rows[cpu_allocator.CONTENDERS["kept"]]
+    assert float(kept[1]) > 0 and float(kept[6]) > 0  # epoch seconds and a peak RSS were measured
+
+
+def test_reference_loop_tiny_scores_the_flagship_test_rows(faces):
+    import reference_loop
+
+    section = reference_loop.main(["--tiny", "--data", str(faces), "--workers", "1"])
+    rows = {row[0]: row for row in table_rows(section)}
+    assert set(rows) >= {"plain", "flip TTA"}
+    for name in ("plain", "flip TTA"):
+        assert float(rows[name][1]) >= 0 and 0 <= float(rows[name][3].rstrip("%")) <= 100
+    # the test rows are those manyheads train holds out: 15 % of the 12 generated faces, seed 0
+    assert "10 training and 2 test images" in section
