@@ -199,6 +199,15 @@ def emit(section: str, write: bool, output: str | os.PathLike | None) -> None:
     print(f"appended to {path}", flush=True)
 
 
+def child_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` without --write and --output FILE: for a child process whose parent does the writing."""
+    keep = [a for a in argv if a != "--write"]
+    if "--output" in keep:
+        i = keep.index("--output")
+        del keep[i : i + 2]
+    return keep
+
+
 def add_common_arguments(parser, *, tiny_help: str = "2-3 steps on tiny shapes: checks the script runs") -> None:
     """Options every script has: --device, --tiny, --write, --output, --seed."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")

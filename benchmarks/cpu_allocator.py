@@ -84,10 +84,7 @@ def probe(args: argparse.Namespace) -> dict:
 
 
 def call(argv: list[str], name: str, cache_dir: Path) -> dict:
-    keep = [a for a in argv if a != "--write"]
-    if "--output" in keep:
-        i = keep.index("--output")
-        del keep[i : i + 2]
+    keep = common.child_argv(argv)
     env = dict(os.environ)
     env.pop(OPT_OUT, None)
     if name == "system":

@@ -262,10 +262,7 @@ def probe(name: str, data: Synthetic, settings: Settings, epochs: int, device: t
 
 def cpu_memory(argv: list[str], names: list[str]) -> dict[str, float]:
     """Run :func:`probe` for each contender in a fresh Python process; MiB of peak-RSS growth."""
-    keep = [a for a in argv if a not in ("--write",)]
-    if "--output" in keep:
-        i = keep.index("--output")
-        del keep[i : i + 2]
+    keep = common.child_argv(argv)
     out = {}
     for name in names:
         done = subprocess.run(
