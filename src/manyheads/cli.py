@@ -85,7 +85,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         note = f"All {len(df)} rows of the {cfg.data.source} data at {cfg.data.path}."
     else:
         cfg, df = runs.load_test_split(run)
-        out = Path(args.out) if args.out else run / f"eval{suffix}" if suffix else run
+        out = Path(args.out) if args.out else (run / f"eval{suffix}" if suffix else run)
         note = f"The run's test split: {len(df)} rows recorded in split.json, never trained on."
     report = evaluate_report(net, df, out, inputs=cfg.data.inputs, title="Evaluation report", note=note)
     print(f"report: {out / 'report.md'}\n{report['rows']} rows: {_headline(report)}")
