@@ -7,10 +7,13 @@ import manyheads as mh
 HEADS = {"age": mh.Regression(), "gender": mh.Binary(), "race": mh.Categorical(["a", "b", "c"])}
 
 
+def small_trunk() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(16))
+
+
 def conv_net(tta=None, seed=0):
     torch.manual_seed(seed)
-    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(16))
-    net = mh.MultiHeadNet(trunk, HEADS, image_size=16, tta=tta)
+    net = mh.MultiHeadNet(small_trunk(), HEADS, image_size=16, tta=tta)
     net(torch.zeros(1, 3, 16, 16))  # materialise the lazy layers
     return net
 
@@ -35,8 +38,7 @@ def test_tta_is_kept_by_save_and_load_and_used_by_predict(tmp_path):
     pictures = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     before = net.predict_proba(pictures)
     path = net.save(tmp_path / "net.safetensors")
-    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(16))
-    loaded = mh.load(path, trunk=trunk)
+    loaded = mh.load(path, trunk=small_trunk())
     assert loaded.tta == "flip" and loaded.spec()["tta"] == "flip"
     for name, p in loaded.predict_proba(pictures).items():
         assert abs(p - before[name]).max() < 1e-6
