@@ -1,7 +1,9 @@
 """Optimizer and learning-rate schedule: parameter groups (trunk and heads), and a per-step factor.
 
 The schedule is a plain function of the step inside ``LambdaLR``, so its whole state is one
-integer and a checkpoint restores it exactly.
+integer and a checkpoint restores it exactly. One-cycle also cycles momentum (Adam's beta1 or
+SGD's momentum) inversely to the rate, 0.95 -> 0.85 -> 0.95, as torch's ``OneCycleLR`` and
+fastai do: low momentum while the rate is high.
 
     opt, trunk = build_optimizer(net, "adamw", lr=1e-3, trunk_lr=1e-4); sched = schedule(opt, "onecycle", 800)
 """
@@ -41,6 +43,9 @@ def build_optimizer(
     return cls(groups, **kwargs), trunk
 
 
+MOMENTUM = (0.85, 0.95)  # one-cycle's momentum at the peak rate and at both ends
+
+
 def schedule_factor(kind: str | None, total_steps: int, warmup: float = 0.3) -> Callable[[int], float]:
     """Learning-rate factor per step: constant, cosine decay, or one-cycle (linear warm-up, then cosine)."""
     if kind not in SCHEDULES:
@@ -58,6 +63,46 @@ def schedule_factor(kind: str | None, total_steps: int, warmup: float = 0.3) -> 
     return factor
 
 
-def schedule(opt: torch.optim.Optimizer, kind: str | None, total_steps: int, warmup: float = 0.3):
-    """``LambdaLR`` stepping once per training step."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, schedule_factor(kind, total_steps, warmup))
+def momentum_at(kind: str | None, total_steps: int, warmup: float = 0.3) -> Callable[[int], float] | None:
+    """One-cycle's momentum per step, falling as the rate rises and rising as it falls; None otherwise."""
+    if kind != "onecycle":
+        return None
+    rate, warm = schedule_factor(kind, total_steps, warmup), int(total_steps * warmup)
+    low, high = MOMENTUM
+
+    def momentum(step: int) -> float:
+        height = step / warm if step < warm else rate(step)  # 0 at the ends of the cycle, 1 at its peak
+        return high - (high - low) * height
+
+    return momentum
+
+
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` that also sets each group's momentum when the schedule cycles it."""
+
+    def __init__(self, opt: torch.optim.Optimizer, factor: Callable[[int], float], momentum=None) -> None:
+        self.momentum = momentum
+        # Groups without momentum (SGD with momentum 0) are left alone: cycling would switch it on.
+        self.cycled = [i for i, g in enumerate(opt.param_groups) if "betas" in g or g.get("momentum", 0) > 0]
+        super().__init__(opt, factor)  # steps once, which sets the first step's momentum
+
+    def step(self) -> None:
+        super().step()
+        if self.momentum is None:
+            return
+        value = self.momentum(self.last_epoch)
+        for group in (self.optimizer.param_groups[i] for i in self.cycled):
+            if "betas" in group:
+                group["betas"] = (value, *group["betas"][1:])
+            else:
+                group["momentum"] = value
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        del state["momentum"], state["cycled"]  # rebuilt from the schedule's arguments, like lr_lambdas
+        return state
+
+
+def schedule(opt: torch.optim.Optimizer, kind: str | None, total_steps: int, warmup: float = 0.3) -> Schedule:
+    """The scheduler, stepping once per training step."""
+    return Schedule(opt, schedule_factor(kind, total_steps, warmup), momentum_at(kind, total_steps, warmup))

@@ -118,8 +118,9 @@ def fit(
     Optimisation:
         epochs, batch_size, lr, optimizer (a name or a torch optimizer class), weight_decay,
         trunk_lr (a separate rate for the trunk), freeze_trunk_epochs, schedule (``"cosine"``,
-        ``"onecycle"`` with ``warmup`` as the rising fraction, or None), precision (``"fp32"``,
-        ``"bf16"``, ``"fp16"``), channels_last (None: on for named backbones), compile, device, seed.
+        ``"onecycle"`` with ``warmup`` as the rising fraction and momentum cycled 0.95-0.85-0.95 as
+        torch's ``OneCycleLR`` does, or None), precision (``"fp32"``, ``"bf16"``, ``"fp16"``),
+        channels_last (None: on for named backbones), compile, device, seed.
 
     Selection and records:
         monitor: the history column to pick the best epoch by (``"age/mae"``, default the total
