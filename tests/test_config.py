@@ -69,6 +69,8 @@ def test_flagship_example_is_valid():
         ({"heads": {"age": {"kind": "regression", "loss": "maee"}}}, "heads.age.loss", "unknown loss 'maee'"),
         ({"heads": {"age": {"kind": "regression", "loss": "bce"}}}, "heads.age.loss", "does not fit"),
         ({"heads": {"race": {"kind": "categorical"}}}, "heads.race", "needs labels"),
+        ({"heads": {"age": {"kind": "regression", "label_smoothing": 0.1}}}, "heads.age", "not 'mse'"),
+        ({"heads": {"g": {"kind": "binary", "label_smoothing": 1}}}, "heads.g.label_smoothing", "less than 1"),
         ({"train": {"epochs": 0}}, "train.epochs", "greater than or equal to 1"),
         ({"train": {"weights": "magic"}}, "train.weights", "unknown balancing strategy"),
         ({"train": {"augment": {"jiter": 0.1}}}, "train.augment.jiter", "unknown key"),

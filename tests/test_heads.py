@@ -32,6 +32,9 @@ def test_every_kind_resolves_its_default_loss_and_round_trips(head):
     assert loss.name == head.default_loss and loss.name in SUITS[head.kind]
     rebuilt = head_from_spec(head.spec())
     assert type(rebuilt) is type(head) and rebuilt.spec() == head.spec()
+    if head.kind in ("binary", "categorical", "multilabel"):
+        smoothed = head_from_spec({**head.spec(), "label_smoothing": 0.1})
+        assert smoothed.label_smoothing == 0.1 and head_from_spec(smoothed.spec()).spec() == smoothed.spec()
     assert set(KINDS) == {"regression", "binary", "categorical", "ordinal", "multilabel"}
 
 

@@ -81,3 +81,34 @@ def test_corn_loss_prefers_the_right_rank():
     right = loss(torch.tensor([[5.0, 5.0]]), target, labelled)
     wrong = loss(torch.tensor([[-5.0, -5.0]]), target, labelled)
     assert right < 0.05 < wrong
+
+
+def test_label_smoothing_matches_torch_and_keeps_class_weights_on_the_true_class():
+    labelled = torch.ones(6, dtype=torch.bool)
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 1, 2, 1, 0, 2])
+    smooth = resolve({"r": mh.Categorical(["a", "b", "c"], label_smoothing=0.2)})["r"]
+    expected = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.2)
+    assert smooth(logits, target, labelled).item() == pytest.approx(expected.item(), rel=1e-5)
+    plain = resolve({"r": mh.Categorical(["a", "b", "c"])})["r"]
+    assert smooth(logits, target, labelled).item() != pytest.approx(plain(logits, target, labelled).item())
+    smooth.class_weight = torch.tensor([1.0, 0.0, 0.0])  # only rows of class "a" count
+    rows = target == 0
+    expected = torch.nn.functional.cross_entropy(logits[rows], target[rows], label_smoothing=0.2)
+    assert smooth(logits, target, labelled).item() == pytest.approx(expected.item(), rel=1e-5)
+
+    gender = resolve({"g": mh.Binary(label_smoothing=0.1)})["g"]
+    logit, female = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.tensor([0.95, 0.05, 0.05]))
+    assert gender(logit, female, torch.ones(3, dtype=torch.bool)).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_label_smoothing_refuses_losses_it_cannot_reach():
+    ordinal = mh.Ordinal(["low", "mid", "high"], label_smoothing=0.1)
+    with pytest.raises(ValueError, match="label_smoothing on head 'o' applies to the built-in losses"):
+        resolve({"o": ordinal})  # CORN's targets are thresholds, not classes
+    assert resolve({"o": ordinal}, {"o": "cross_entropy"})["o"].name == "cross_entropy"
+    with pytest.raises(ValueError, match="a custom loss smooths its own targets"):
+        resolve({"r": mh.Categorical(["a", "b"], label_smoothing=0.1)}, {"r": torch.nn.CrossEntropyLoss()})
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
+        mh.Categorical(["a", "b"], label_smoothing=1.0)

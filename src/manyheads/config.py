@@ -49,13 +49,14 @@ class DataConfig(_Section):
 
 
 class HeadConfig(_Section):
-    """One head: its kind and labels, and optionally its loss, constant weight and class weights."""
+    """One head: its kind and labels, and optionally its loss, constant weight, class weights, label smoothing."""
 
     kind: Literal["regression", "binary", "categorical", "ordinal", "multilabel"]
     labels: list[str | int | float] | None = None
     loss: str | None = None
     weight: float = Field(1.0, ge=0)
     class_weights: Literal["balanced"] | dict[str | int, float] | None = None
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # classifiers: train towards 1 - e, spread e evenly
     standardize: bool = True  # regression: learn in units of the targets' spread
     min: float | None = None  # regression: targets outside [min, max] are bad rows
     max: float | None = None
@@ -79,7 +80,13 @@ class HeadConfig(_Section):
     def _buildable(self) -> HeadConfig:
         if self.kind != "regression" and (self.min is not None or self.max is not None or not self.standardize):
             raise ValueError(f"min, max and standardize apply to regression heads only, not {self.kind}")
-        self.build()  # head kinds check their own labels and class weights
+        head = self.build()  # head kinds check their own labels and class weights
+        if self.label_smoothing:
+            from manyheads.losses import ALIASES, SMOOTHABLE
+
+            loss = (self.loss or head.default_loss).lower()
+            if ALIASES.get(loss, loss) not in SMOOTHABLE:
+                raise ValueError(f"label_smoothing applies to the losses {sorted(SMOOTHABLE)}, not {loss!r}")
         return self
 
     def build(self) -> Head:

@@ -76,6 +76,7 @@ class Head:
     default_loss: str = ""
     labels: list | None = None
     class_weights: str | Mapping | None = None
+    label_smoothing: float = 0.0
 
     @property
     def out_features(self) -> int:
@@ -152,6 +153,8 @@ class Head:
             spec["class_weights"] = (
                 self.class_weights if isinstance(self.class_weights, str) else dict(self.class_weights)
             )
+        if self.label_smoothing:
+            spec["label_smoothing"] = self.label_smoothing
         return spec
 
     def __repr__(self) -> str:
@@ -220,7 +223,9 @@ class Regression(Head):
 class _Classifier(Head):
     """Shared code of heads whose targets are label names or class indices."""
 
-    def __init__(self, labels: Sequence, class_weights: str | Mapping | None = None) -> None:
+    def __init__(
+        self, labels: Sequence, class_weights: str | Mapping | None = None, *, label_smoothing: float = 0.0
+    ) -> None:
         labels = list(labels)
         if len(labels) < 2:
             raise ValueError(f"{type(self).__name__} needs at least 2 labels, got {labels!r}")
@@ -228,8 +233,11 @@ class _Classifier(Head):
             raise ValueError(f"{type(self).__name__} labels must be distinct, got {labels!r}")
         if isinstance(class_weights, str) and class_weights != "balanced":
             raise ValueError(f"class_weights must be 'balanced' or a mapping label -> weight, got {class_weights!r}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.labels = labels
         self.class_weights = class_weights
+        self.label_smoothing = float(label_smoothing)
         self._index = {self._key(label): i for i, label in enumerate(labels)}
 
     @staticmethod
@@ -285,8 +293,14 @@ class Binary(_Classifier):
     kind = "binary"
     default_loss = "bce"
 
-    def __init__(self, labels: Sequence | None = None, *, class_weights: str | Mapping | None = None) -> None:
-        super().__init__([0, 1] if labels is None else labels, class_weights)
+    def __init__(
+        self,
+        labels: Sequence | None = None,
+        *,
+        class_weights: str | Mapping | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__([0, 1] if labels is None else labels, class_weights, label_smoothing=label_smoothing)
         if len(self.labels) != 2:
             raise ValueError(f"Binary takes exactly 2 labels, got {self.labels!r}")
         self._named = labels is not None
@@ -315,7 +329,10 @@ class Binary(_Classifier):
 class Categorical(_Classifier):
     """k logits with a softmax. Default loss ``"cross_entropy"``; metrics accuracy and macro-F1.
 
-    mh.Categorical(["White", "Black", "Asian", "Indian", "Others"], class_weights="balanced")
+    ``label_smoothing`` (also on Binary and MultiLabel) trains towards ``1 - e`` on the true class
+    and spreads ``e`` over all classes, as torch's ``cross_entropy(label_smoothing=e)``.
+
+        mh.Categorical(["White", "Black", "Asian", "Indian", "Others"], class_weights="balanced", label_smoothing=0.1)
     """
 
     kind = "categorical"
@@ -432,7 +449,9 @@ def head_from_spec(spec: Mapping) -> Head:
     labels = spec.get("labels")
     if labels is None and kind != "binary":
         raise ValueError(f"a {kind} head needs labels")
-    return KINDS[kind](labels, class_weights=spec.get("class_weights"))
+    return KINDS[kind](
+        labels, class_weights=spec.get("class_weights"), label_smoothing=spec.get("label_smoothing", 0.0)
+    )
 
 
 class HeadLayer(nn.Module):

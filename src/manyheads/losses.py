@@ -88,6 +88,7 @@ SUITS = {
     "ordinal": {"corn", "cross_entropy"},
     "multilabel": {"bce", "focal"},
 }
+SMOOTHABLE = {"bce", "cross_entropy", "focal"}  # losses that take the soft targets of label_smoothing
 
 
 @dataclass
@@ -116,11 +117,20 @@ class HeadLoss:
             output = self.kind.proba(output).clamp_min(1e-7).log()
         if self.kind.kind == "regression":
             output, target = output.float() / self.scale, target / self.scale
-        per_sample = self.fn(output.float(), target, self.class_weight)
+        per_sample = self.fn(output.float(), self._smoothed(target, output.shape[-1]), self.class_weight)
         mask = labelled.to(per_sample.dtype)
         if self.class_weight is not None and self.kind.kind in ("binary", "categorical", "ordinal"):
             mask = mask * self.class_weight.to(per_sample.device)[target.long()]
         return (per_sample * mask).sum() / mask.sum().clamp(min=1e-12)
+
+    def _smoothed(self, target: torch.Tensor, classes: int) -> torch.Tensor:
+        """Targets moved ``e`` towards uniform; class indices become probability rows."""
+        e = self.kind.label_smoothing
+        if not e:
+            return target
+        if self.kind.kind in ("binary", "multilabel"):
+            return target * (1 - e) + e / 2
+        return F.one_hot(target.long(), classes).float() * (1 - e) + e / classes
 
     def _custom(self, output, target, labelled):
         output, target = output[labelled], target[labelled]
@@ -172,6 +182,12 @@ def resolve(
             key = ALIASES.get(spec.lower(), spec.lower())
             if key not in REGISTRY:
                 raise ValueError(f"unknown loss {spec!r} for head {name!r}; available: {sorted(REGISTRY)}")
+        if head.label_smoothing and (not isinstance(spec, str) or key not in SMOOTHABLE):
+            raise ValueError(
+                f"label_smoothing on head {name!r} applies to the built-in losses {sorted(SMOOTHABLE)}, "
+                f"not to {spec!r}; a custom loss smooths its own targets"
+            )
+        if isinstance(spec, str):
             if key not in SUITS[head.kind]:
                 raise ValueError(
                     f"loss {spec!r} does not fit head {name!r} ({head.kind}); use one of {sorted(SUITS[head.kind])}"
