@@ -16,6 +16,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -260,17 +261,23 @@ def probe(name: str, data: Synthetic, settings: Settings, epochs: int, device: t
     return {"name": name, "rss_growth_mib": peak.growth_mib}
 
 
-def cpu_memory(argv: list[str], names: list[str]) -> dict[str, float]:
-    """Run :func:`probe` for each contender in a fresh Python process; MiB of peak-RSS growth."""
+def cpu_memory(argv: list[str], names: list[str], reps: int) -> dict[str, list[float]]:
+    """Run :func:`probe` ``reps`` times per contender, alternating, each in a fresh process; MiB of peak-RSS growth.
+
+    The children use one malloc arena (MALLOC_ARENA_MAX=1): with one per thread, where blocks land
+    varies from run to run and the same loop's growth spread over 108-127 MiB in our runs.
+    """
     keep = common.child_argv(argv)
-    out = {}
-    for name in names:
-        done = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), *keep, "--probe", name],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        line = next(line for line in done.stdout.splitlines() if line.startswith("PROBE "))
-        out[name] = json.loads(line[len("PROBE ") :])["rss_growth_mib"]
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(reps):
+        for name in names:
+            done = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), *keep, "--probe", name],
+                capture_output=True, text=True, check=True, env=env,
+            )  # fmt: skip
+            line = next(line for line in done.stdout.splitlines() if line.startswith("PROBE "))
+            out[name].append(json.loads(line[len("PROBE ") :])["rss_growth_mib"])
     return out
 
 
@@ -298,6 +305,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="CPU: measure peak-RSS growth in a fresh process per contender (default on unless --tiny)",
     )
+    parser.add_argument("--memory-reps", type=int, default=5, help="CPU memory probes per contender (median)")
     parser.add_argument("--probe", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)  # internal: one memory probe
     args = parser.parse_args(argv)
     gpu = common.device_of(args.device).type == "cuda"
@@ -348,11 +356,14 @@ def main(argv: list[str] | None = None) -> str:
         memory = {n: common.median([r["peak_mib"] for r in runs[n]]) for n in names}
         memory_note = "Peak memory: torch.cuda.max_memory_allocated over one call, data on the GPU included."
     elif args.memory:
-        memory = cpu_memory(argv, names)
+        probes = cpu_memory(argv, names, args.memory_reps)
+        memory = {n: common.median(probes[n]) for n in names}
+        spreads = "; ".join(f"{n} {common.fmt(min(v))}-{common.fmt(max(v))}" for n, v in probes.items())
         memory_note = (
             "Peak memory (CPU): peak resident memory of a fresh process during one call above what it held "
             "before (VmHWM after a reset through /proc/self/clear_refs), after the data and model were built "
-            "and torchmetrics was imported (a one-time cost of the process, which mh's training metrics need)."
+            "and torchmetrics was imported (a one-time cost of the process, which mh's training metrics need); "
+            f"median of {args.memory_reps} alternating probes per contender, one malloc arena (ranges, MiB: {spreads})."
         )
     else:
         memory = {n: float("nan") for n in names}

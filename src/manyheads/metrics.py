@@ -65,3 +65,37 @@ def head_metrics(head: Head, output: torch.Tensor, target: torch.Tensor) -> dict
             "macro_f1": tmf.multilabel_f1_score(torch.sigmoid(output), target, num_labels=k, average="macro").item(),
         }
     raise ValueError(f"no metrics for head kind {kind!r}")
+
+
+class EpochOutputs:
+    """Each head's outputs, targets and labelled flags over one epoch's training batches.
+
+    Buffers for ``rows`` rows are allocated at the first batch and filled in place: keeping one
+    small tensor per step instead scatters long-lived blocks among the freed activations, and the
+    heap grows (measured: about 20 MiB on the 64 px CPU benchmark).
+
+        seen = EpochOutputs(len(data)); seen.add(outputs, targets, labelled); out, target, labelled = seen["age"]
+    """
+
+    def __init__(self, rows: int) -> None:
+        self.rows, self.filled = rows, 0
+        self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, outputs: dict, targets: dict, labelled: dict) -> None:
+        size = len(next(iter(labelled.values())))
+        if not self.buffers:
+            self.buffers = {
+                name: tuple(torch.empty((self.rows, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in parts)
+                for name, parts in ((n, (outputs[n].detach(), targets[n], labelled[n])) for n in labelled)
+            }
+        for name, buffers in self.buffers.items():
+            for buffer, part in zip(buffers, (outputs[name].detach(), targets[name], labelled[name])):
+                buffer[self.filled : self.filled + size] = part
+        self.filled += size
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Outputs, targets and labelled flags of the rows added so far."""
+        return tuple(buffer[: self.filled] for buffer in self.buffers[name])
+
+    def __bool__(self) -> bool:
+        return self.filled > 0

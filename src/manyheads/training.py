@@ -30,6 +30,7 @@ from manyheads.distributed import Cluster
 from manyheads.heads import Head
 from manyheads.images import Augment
 from manyheads.losses import fit_to_data, resolve, trivial_losses
+from manyheads.metrics import EpochOutputs
 from manyheads.net import MultiHeadNet
 from manyheads.optim import build_optimizer
 from manyheads.optim import schedule as lr_schedule
@@ -287,9 +288,7 @@ def fit(
             sums += partial["sums"].to(device)
             counts += partial["counts"].to(device)
         nonfinite_skipped = int(partial.get("nonfinite", 0)) if resumed else 0
-        outputs_seen: dict[str, list] = {n: [] for n in names}
-        targets_seen: dict[str, list] = {n: [] for n in names}
-        labelled_seen: dict[str, list] = {n: [] for n in names}
+        seen = EpochOutputs(batches.rows_per_rank)
         bar = _progress(len(batches), first, epoch, epochs, progress and cluster.is_main)
         last_refresh = time.perf_counter()
         bad_step = torch.full((), -1, device=device, dtype=torch.long)
@@ -324,10 +323,7 @@ def fit(
             bad_heads = torch.where(first_bad, ~finite, bad_heads)
             bad_step = torch.where(first_bad, step, bad_step)
             if train_metrics:
-                for n in names:
-                    outputs_seen[n].append(outputs[n].detach())
-                    targets_seen[n].append(targets[n])
-                    labelled_seen[n].append(labelled[n])
+                seen.add(outputs, targets, labelled)
             if bar is not None and time.perf_counter() - last_refresh > 0.5:
                 last_refresh = time.perf_counter()
                 _check_finite(bad_step, bad_heads, names, epoch, len(batches))
@@ -353,10 +349,11 @@ def fit(
             row[f"train/{n}/loss"] = loss_value
             row[f"train/{n}/labels"] = int(counts[i])
             total += current[n] * (0.0 if math.isnan(loss_value) else loss_value)
-            if train_metrics and outputs_seen[n]:  # over all ranks' rows (every rank holds as many)
-                mask = cluster.gather(torch.cat(labelled_seen[n]).to(torch.uint8)).bool()
-                out = cluster.gather(torch.cat(outputs_seen[n]).float())[mask]
-                for key, value in heads[n].metrics(out, cluster.gather(torch.cat(targets_seen[n]))[mask]).items():
+            if seen:  # over all ranks' rows (every rank holds as many)
+                out, target, mask = seen[n]
+                mask = cluster.gather(mask.to(torch.uint8)).bool()
+                out = cluster.gather(out.float())[mask]
+                for key, value in heads[n].metrics(out, cluster.gather(target)[mask]).items():
                     row[f"train/{n}/{key}"] = value
         row["train/total/loss"] = total
         if val_data is not None:
