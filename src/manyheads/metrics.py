@@ -72,7 +72,7 @@ class EpochOutputs:
 
     Buffers for ``rows`` rows are allocated at the first batch and filled in place: keeping one
     small tensor per step instead scatters long-lived blocks among the freed activations, and the
-    heap grows (measured: about 20 MiB on the 64 px CPU benchmark).
+    heap grows (BENCHMARKS.md, training overhead: peak memory).
 
         seen = EpochOutputs(len(data)); seen.add(outputs, targets, labelled); out, target, labelled = seen["age"]
     """
