@@ -112,3 +112,13 @@ def test_label_smoothing_refuses_losses_it_cannot_reach():
         resolve({"r": mh.Categorical(["a", "b"], label_smoothing=0.1)}, {"r": torch.nn.CrossEntropyLoss()})
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\)"):
         mh.Categorical(["a", "b"], label_smoothing=1.0)
+
+
+def test_focal_with_label_smoothing_stays_a_softmax_loss_on_categorical_heads():
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 2, 1, 2])
+    focal = resolve({"r": mh.Categorical(["a", "b", "c"], label_smoothing=0.3)}, {"r": "focal"})["r"]
+    soft = torch.nn.functional.one_hot(target, 3).float() * 0.7 + 0.1
+    ce = torch.nn.functional.cross_entropy(logits, soft, reduction="none")
+    expected = ((1 - torch.exp(-ce)) ** 2 * ce).mean()
+    assert focal(logits, target, torch.ones(4, dtype=torch.bool)).item() == pytest.approx(expected.item(), rel=1e-5)

@@ -44,12 +44,14 @@ def _cross_entropy(output, target, class_weight):
 
 
 def _focal(output, target, class_weight, gamma: float = 2.0):
-    """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true) ** gamma."""
-    if output.ndim == 1 or target.ndim == 2:
-        ce = F.binary_cross_entropy_with_logits(output, target, reduction="none")
-        p_true = torch.exp(-ce)
-        losses = (1 - p_true) ** gamma * ce
-        return losses.mean(dim=1) if losses.ndim == 2 else losses
+    """Focal loss (Lin et al. 2017) on sigmoid outputs: BCE scaled by (1 - p_true) ** gamma."""
+    ce = F.binary_cross_entropy_with_logits(output, target, reduction="none")
+    losses = (1 - torch.exp(-ce)) ** gamma * ce
+    return losses.mean(dim=1) if losses.ndim == 2 else losses
+
+
+def _focal_softmax(output, target, class_weight, gamma: float = 2.0):
+    """Focal loss on softmax outputs (categorical heads): cross-entropy scaled by (1 - p_true) ** gamma."""
     ce = F.cross_entropy(output, target, reduction="none")
     return (1 - torch.exp(-ce)) ** gamma * ce
 
@@ -192,7 +194,9 @@ def resolve(
                 raise ValueError(
                     f"loss {spec!r} does not fit head {name!r} ({head.kind}); use one of {sorted(SUITS[head.kind])}"
                 )
-            resolved[name] = HeadLoss(name, head, key, REGISTRY[key], float(weight))
+            # Smoothed categorical targets are [B, k] like multi-label ones, so the kind picks the form.
+            fn = _focal_softmax if key == "focal" and head.kind == "categorical" else REGISTRY[key]
+            resolved[name] = HeadLoss(name, head, key, fn, float(weight))
         elif callable(spec):
             label = type(spec).__name__ if isinstance(spec, torch.nn.Module) else getattr(spec, "__name__", "custom")
             resolved[name] = HeadLoss(name, head, label, spec, float(weight), builtin=False)
