@@ -15,7 +15,7 @@ import platform
 import shlex
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -69,6 +69,26 @@ class PeakRSS:
         if self.start_kib is not None:
             self.peak_kib = _proc_status_kib("VmHWM")
             self.growth_mib = (self.peak_kib - self.start_kib) / 1024
+
+
+def peak_tensor_mib(run: Callable[[], object]) -> float:
+    """Peak of the CPU tensor memory allocated during ``run()`` and still live, in MiB.
+
+    The CPU counterpart of ``torch.cuda.max_memory_allocated``: replays the torch profiler's
+    allocation and free events in time order. Unlike resident memory it does not depend on where
+    malloc puts blocks, so one call gives the same figure every time. Tensors that exist before
+    the call (data, model) are not counted; the profiler slows the call, so it is timed elsewhere.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        # "[memory]" events are frees (and allocations) outside any op; an op counts its own bytes only
+        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def _proc_status_kib(field: str) -> int:

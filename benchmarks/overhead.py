@@ -261,6 +261,19 @@ def probe(name: str, data: Synthetic, settings: Settings, epochs: int, device: t
     return {"name": name, "rss_growth_mib": peak.growth_mib}
 
 
+def tensor_peak(name: str, data: Synthetic, settings: Settings, epochs: int, device: torch.device, seed: int) -> float:
+    """Peak live CPU tensor memory (MiB) of one call of ``name``; model and data are built before."""
+    trunk, features = make_trunk(settings.model, seed)
+    if name == "hand":
+        model = HandNet(trunk, features)
+        return common.peak_tensor_mib(lambda: hand_written(model, data, settings, epochs, device))
+    net = mh.MultiHeadNet(trunk, heads(), image_size=settings.size)
+    metrics = name == "mh_metrics"
+    return common.peak_tensor_mib(
+        lambda: mh_fit(net, data.table(), settings, epochs, device, seed=seed, train_metrics=metrics)
+    )
+
+
 def cpu_memory(argv: list[str], names: list[str], reps: int) -> dict[str, list[float]]:
     """Run :func:`probe` ``reps`` times per contender, alternating, each in a fresh process; MiB of peak-RSS growth.
 
@@ -355,18 +368,23 @@ def main(argv: list[str] | None = None) -> str:
     if device.type == "cuda":
         memory = {n: common.median([r["peak_mib"] for r in runs[n]]) for n in names}
         memory_note = "Peak memory: torch.cuda.max_memory_allocated over one call, data on the GPU included."
+        rss = {n: float("nan") for n in names}
     elif args.memory:
+        memory = {n: tensor_peak(n, data, settings, args.epochs, device, args.seed) for n in names}
         probes = cpu_memory(argv, names, args.memory_reps)
-        memory = {n: common.median(probes[n]) for n in names}
+        rss = {n: common.median(probes[n]) for n in names}
         spreads = "; ".join(f"{n} {common.fmt(min(v))}-{common.fmt(max(v))}" for n, v in probes.items())
         memory_note = (
-            "Peak memory (CPU): peak resident memory of a fresh process during one call above what it held "
-            "before (VmHWM after a reset through /proc/self/clear_refs), after the data and model were built "
-            "and torchmetrics was imported (a one-time cost of the process, which mh's training metrics need); "
-            f"median of {args.memory_reps} alternating probes per contender, one malloc arena (ranges, MiB: {spreads})."
+            "Peak memory (CPU): the most CPU tensor memory live at once during one call, from the torch profiler's "
+            "allocation events (common.peak_tensor_mib; the CPU counterpart of torch.cuda.max_memory_allocated, "
+            "data and model built before the call are not counted). RSS growth: peak resident memory of a fresh "
+            "process during one call above what it held before (VmHWM reset through /proc/self/clear_refs), after "
+            "data, model and torchmetrics were loaded; median of "
+            f"{args.memory_reps} alternating probes per contender, one malloc arena (ranges, MiB: {spreads}). "
+            "It adds what malloc, oneDNN and the threads keep, and moves by 10-20 MiB between identical calls."
         )
     else:
-        memory = {n: float("nan") for n in names}
+        memory = rss = {n: float("nan") for n in names}
         memory_note = "Memory not measured (CPU without --memory)."
     base = common.median(per_step["hand"])
     rows = []
@@ -375,10 +393,10 @@ def main(argv: list[str] | None = None) -> str:
         spread = f"{common.fmt(min(per_step[n]))}-{common.fmt(max(per_step[n]))}" if per_step[n] else "n/a"
         rows.append([
             CONTENDERS[n], ms, spread, 1000 / ms * args.batch, ms / base, common.median(setup[n]),
-            memory[n], memory[n] / memory["hand"] if memory["hand"] > 0 else float("nan"),
+            memory[n], memory[n] / memory["hand"] if memory["hand"] > 0 else float("nan"), rss[n],
         ])  # fmt: skip
     header = ["contender", "ms/step (median)", "range", "images/s", "ratio to hand-written",
-              "set-up s/call", "peak memory MiB", "memory ratio"]  # fmt: skip
+              "set-up s/call", "peak memory MiB", "memory ratio", "RSS growth MiB (CPU)"]  # fmt: skip
     notes = [
         f"{settings.describe()}; device {device}; {args.steps} steps/epoch on {len(data)} random uint8 images; "
         f"{args.epochs} epochs per call, the first discarded; {args.reps} alternating repetitions; "

@@ -61,6 +61,25 @@ def test_overhead_memory_probe_reports_rss_growth(capsys):
     assert probe["name"] == "mh" and probe["rss_growth_mib"] >= 0
 
 
+def test_peak_tensor_memory_counts_what_is_live_at_once():
+    def two_then_one():
+        a = torch.ones(1024, 1024)  # 4 MiB each
+        b = a * 2
+        del a
+        c = b + 1  # b and c live: 8 MiB, never 12
+        return float(c[0, 0])
+
+    assert common.peak_tensor_mib(two_then_one) == pytest.approx(8.0, abs=0.1)
+
+
+def test_overhead_tiny_with_memory_reports_tensor_peaks_and_rss():
+    section = overhead.main(["--tiny", "--memory", "--memory-reps", "1"])
+    rows = {row[0]: row for row in table_rows(section)}
+    for name in overhead.CONTENDERS.values():
+        assert float(rows[name][6]) > 0 and float(rows[name][8]) >= 0  # tensor peak, RSS growth
+    assert rows[overhead.CONTENDERS["hand"]][7] == "1"
+
+
 def test_real_data_tiny_times_the_cache_and_appends_to_the_output(faces, tmp_path):
     output = tmp_path / "BENCH.md"
     section = real_data.main(["--tiny", "--data", str(faces), "--write", "--output", str(output)])
