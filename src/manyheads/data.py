@@ -261,6 +261,10 @@ class Batches:
             order = order[: self.rows_per_rank * world][rank::world]
         return order.to(self.data.inputs.device)
 
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        # a set already on the device (the CPU, or a GPU it fits on) skips the no-op .to() calls
+        return tensor if tensor.device == self.device else tensor.to(self.device, non_blocking=True)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, dict, dict]]:
         """Batches of one epoch, from batch ``start`` on (for resuming mid-epoch)."""
         order = self.order(epoch)
@@ -271,9 +275,9 @@ class Batches:
             generator = torch.Generator(device=self.device)
         for step in range(start, len(self)):
             rows = order[step * self.batch_size : (step + 1) * self.batch_size]
-            x = data.inputs[rows].to(self.device, non_blocking=True)
-            targets = {k: v[rows].to(self.device, non_blocking=True) for k, v in data.targets.items()}
-            labelled = {k: v[rows].to(self.device, non_blocking=True) for k, v in data.labelled.items()}
+            x = self._on_device(data.inputs[rows])
+            targets = {k: self._on_device(v[rows]) for k, v in data.targets.items()}
+            labelled = {k: self._on_device(v[rows]) for k, v in data.labelled.items()}
             if data.images:
                 if generator is not None:
                     # each rank draws its own crops, so ranks' samples are not augmented alike

@@ -117,9 +117,10 @@ class HeadLoss:
             return self._custom(output, target, labelled)
         if self.kind.kind == "ordinal" and self.name == "cross_entropy":
             output = self.kind.proba(output).clamp_min(1e-7).log()
+        output = output.float()
         if self.kind.kind == "regression":
-            output, target = output.float() / self.scale, target / self.scale
-        per_sample = self.fn(output.float(), self._smoothed(target, output.shape[-1]), self.class_weight)
+            output, target = output / self.scale, target / self.scale
+        per_sample = self.fn(output, self._smoothed(target, output.shape[-1]), self.class_weight)
         mask = labelled.to(per_sample.dtype)
         if self.class_weight is not None and self.kind.kind in ("binary", "categorical", "ordinal"):
             mask = mask * self.class_weight.to(per_sample.device)[target.long()]

@@ -302,7 +302,7 @@ def fit(
                 else:
                     outputs = step_model(x)
                 head_losses = {n: resolved[n](outputs[n], targets[n], labelled[n]) for n in names}
-            stacked = torch.stack([head_losses[n].detach().float() for n in names])
+            stacked = torch.stack([head_losses[n] for n in names]).detach().float()
             # one host sync per step, the price of skipping; summed so that all ranks skip alike
             if on_nonfinite == "skip" and bool(cluster.sum((~torch.isfinite(stacked)).sum()) > 0):
                 nonfinite_skipped += 1

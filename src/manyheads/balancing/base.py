@@ -51,8 +51,10 @@ class Balancer(nn.Module):
         """``base_h * L_h / n_h`` per head, in head order: what strategies weight further."""
         losses = self.scaled(losses)
         # A head weighted 0 is left out (a constant 0), so its layer gets no gradient (and no weight decay).
+        # Weight 1 skips the multiplication: a step's small ops add up on the CPU.
         return [
-            self.base[name] * losses[name] if self.base[name] != 0 else losses[name].detach() * 0 for name in self.heads
+            losses[name] if w == 1 else w * losses[name] if w != 0 else losses[name].detach() * 0
+            for name, w in ((name, self.base[name]) for name in self.heads)
         ]
 
     def weights(self) -> dict[str, float]:
@@ -63,7 +65,8 @@ class Balancer(nn.Module):
         """Called before each epoch with the per-head mean train losses of past epochs."""
 
     def objective(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.based(losses))
+        based = self.based(losses)
+        return sum(based[1:], based[0])  # not sum(based): that adds a 0 first, one more op and its backward
 
     def backward(
         self,
