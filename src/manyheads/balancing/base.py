@@ -50,12 +50,13 @@ class Balancer(nn.Module):
     def based(self, losses: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """``base_h * L_h / n_h`` per head, in head order: what strategies weight further."""
         losses = self.scaled(losses)
-        # A head weighted 0 is left out (a constant 0), so its layer gets no gradient (and no weight decay).
-        # Weight 1 skips the multiplication: a step's small ops add up on the CPU.
-        return [
-            losses[name] if w == 1 else w * losses[name] if w != 0 else losses[name].detach() * 0
-            for name, w in ((name, self.base[name]) for name in self.heads)
-        ]
+        based = []
+        for name in self.heads:
+            weight, loss = self.base[name], losses[name]
+            # Weight 0 leaves the head out (a constant 0): its layer gets no gradient and no weight decay.
+            # Weight 1 skips the multiplication: a step's small ops add up on the CPU.
+            based.append(loss.detach() * 0 if weight == 0 else loss if weight == 1 else weight * loss)
+        return based
 
     def weights(self) -> dict[str, float]:
         """The effective weight of each head now (for history and progress)."""
