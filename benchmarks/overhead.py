@@ -277,8 +277,8 @@ def tensor_peak(name: str, data: Synthetic, settings: Settings, epochs: int, dev
 def cpu_memory(argv: list[str], names: list[str], reps: int) -> dict[str, list[float]]:
     """Run :func:`probe` ``reps`` times per contender, alternating, each in a fresh process; MiB of peak-RSS growth.
 
-    The children use one malloc arena (MALLOC_ARENA_MAX=1): with one per thread, where blocks land
-    varies from run to run and the same loop's growth spread over 108-127 MiB in our runs.
+    The children use one malloc arena (MALLOC_ARENA_MAX=1), one source of scatter fewer; growth still
+    moves by 10-20 MiB between identical calls, hence repetitions and a median.
     """
     keep = common.child_argv(argv)
     env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
