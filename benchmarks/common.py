@@ -219,6 +219,15 @@ def emit(section: str, write: bool, output: str | os.PathLike | None) -> None:
     print(f"appended to {path}", flush=True)
 
 
+def publish(
+    title: str, script: str, argv: Sequence[str], args, body: str, notes: Sequence[str] = (), extra: str = ""
+) -> str:
+    """:func:`report` the section, :func:`emit` it as ``args.write`` / ``args.output`` say, and return it."""
+    section = report(title, script, argv, body, notes, extra)
+    emit(section, args.write, args.output)
+    return section
+
+
 def child_argv(argv: Sequence[str]) -> list[str]:
     """``argv`` without --write and --output FILE: for a child process whose parent does the writing."""
     keep = [a for a in argv if a != "--write"]

@@ -142,10 +142,8 @@ def main(argv: list[str] | None = None) -> str:
         "Page faults and kernel seconds are the call's own (getrusage around mh.fit), per step including the "
         "discarded epoch; peak RSS is the process's high-water mark over the call (VmHWM).",
     ]
-    section = common.report("CPU allocator: glibc defaults vs freed memory kept", "cpu_allocator.py", argv,
-                            common.table(header, rows), notes)  # fmt: skip
-    common.emit(section, args.write, args.output)
-    return section
+    title = "CPU allocator: glibc defaults vs freed memory kept"
+    return common.publish(title, "cpu_allocator.py", argv, args, common.table(header, rows), notes)
 
 
 if __name__ == "__main__":

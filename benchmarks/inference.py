@@ -119,10 +119,8 @@ def main(argv: list[str] | None = None) -> str:
         "per head, run one after another on the same batch (what one-model-per-target tools do). Inputs are "
         "already-normalised random float tensors on the device: decoding and preprocessing are not timed.",
     ]
-    section = common.report("Inference: one multi-head net vs one net per head", "inference.py", argv,
-                            common.table(header, rows), notes)  # fmt: skip
-    common.emit(section, args.write, args.output)
-    return section
+    title = "Inference: one multi-head net vs one net per head"
+    return common.publish(title, "inference.py", argv, args, common.table(header, rows), notes)
 
 
 if __name__ == "__main__":

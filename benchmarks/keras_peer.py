@@ -226,10 +226,8 @@ def main(argv: list[str] | None = None) -> str:
         allocator_note,
     ]
     extra = f"keras {keras.__version__}"
-    section = common.report("Peer: Keras 3 vs manyheads, same three-head MobileNetV2", "keras_peer.py", argv,
-                            common.table(header, rows), notes, extra)  # fmt: skip
-    common.emit(section, args.write, args.output)
-    return section
+    title = "Peer: Keras 3 vs manyheads, same three-head MobileNetV2"
+    return common.publish(title, "keras_peer.py", argv, args, common.table(header, rows), notes, extra)
 
 
 if __name__ == "__main__":

@@ -408,10 +408,8 @@ def main(argv: list[str] | None = None) -> str:
         memory_note,
         allocator_note,
     ]
-    section = common.report("Training overhead: mh.fit vs a hand-written loop", "overhead.py", argv,
-                            common.table(header, rows), notes)  # fmt: skip
-    common.emit(section, args.write, args.output)
-    return section
+    title = "Training overhead: mh.fit vs a hand-written loop"
+    return common.publish(title, "overhead.py", argv, args, common.table(header, rows), notes)
 
 
 if __name__ == "__main__":

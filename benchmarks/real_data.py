@@ -142,9 +142,7 @@ def main(argv: list[str] | None = None) -> str:
         "set-up s/call: the call's wall time minus its epochs (mh: opening the cache, encoding labels, optimizer).",
         allocator_note,
     ]
-    section = common.report("Real data: UTKFace JPEGs vs synthetic tensors", "real_data.py", argv, body, notes)
-    common.emit(section, args.write, args.output)
-    return section
+    return common.publish("Real data: UTKFace JPEGs vs synthetic tensors", "real_data.py", argv, args, body, notes)
 
 
 if __name__ == "__main__":

@@ -229,9 +229,7 @@ def main(argv: list[str] | None = None) -> str:
         allocator_note,
     ]
     title = "Reference: hand-written PyTorch loop on the flagship split"
-    section = common.report(title, "reference_loop.py", argv, body, notes)
-    common.emit(section, args.write, args.output)
-    return section
+    return common.publish(title, "reference_loop.py", argv, args, body, notes)
 
 
 if __name__ == "__main__":

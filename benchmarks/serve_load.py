@@ -151,9 +151,7 @@ def main(argv: list[str] | None = None) -> str:
         "Service and clients share the machine; the model runs one request at a time under a lock, so "
         "requests/s is about 1 / (decode + inference time) and latency grows with the number of clients.",
     ]
-    section = common.report("Serving load", "serve_load.py", argv, common.table(header, rows), notes)
-    common.emit(section, args.write, args.output)
-    return section
+    return common.publish("Serving load", "serve_load.py", argv, args, common.table(header, rows), notes)
 
 
 if __name__ == "__main__":
