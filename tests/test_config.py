@@ -73,6 +73,7 @@ def test_flagship_example_is_valid():
         ({"heads": {"g": {"kind": "binary", "label_smoothing": 1}}}, "heads.g.label_smoothing", "less than 1"),
         ({"train": {"epochs": 0}}, "train.epochs", "greater than or equal to 1"),
         ({"train": {"weights": "magic"}}, "train.weights", "unknown balancing strategy"),
+        ({"train": {"ema": 1}}, "train.ema", "less than 1"),
         ({"train": {"augment": {"jiter": 0.1}}}, "train.augment.jiter", "unknown key"),
         ({"model": {"backbone": "resnet19"}}, "model.backbone", "unknown backbone"),
         ({"split": {"test": 0.6, "validation": 0.5}}, "split", "leave rows to train on"),

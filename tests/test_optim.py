@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from conftest import make_net
-from manyheads.optim import build_optimizer, schedule, schedule_factor
+from torch import nn
+
+from manyheads.optim import WeightAverage, build_optimizer, schedule, schedule_factor
 
 
 def test_onecycle_warms_up_then_anneals_to_zero():
@@ -92,3 +94,48 @@ def test_schedule_state_saves_and_resumes_mid_cycle(tmp_path):
             s.step()
     assert sched2.last_epoch == sched.last_epoch == 25
     assert beta1(opt2) == beta1(opt) and sched2.get_last_lr() == sched.get_last_lr()
+
+
+# ---- weight averaging ---------------------------------------------------------------------------
+
+
+def test_weight_average_copies_first_then_forgets_fast_early_and_at_the_decay_later():
+    net = nn.Linear(1, 1, bias=False)
+    average = WeightAverage(net, decay=0.5)
+    history = []
+    for value in [4.0, 0.0, 8.0, 2.0]:
+        net.weight.data.fill_(value)
+        average.update_parameters(net)
+        history.append(average.module.weight.item())
+    # update 1 copies; update t + 1 keeps min(0.5, (1 + t) / (10 + t)) of the average
+    expected = [4.0]
+    for keep, value in [(2 / 11, 0.0), (3 / 12, 8.0), (4 / 13, 2.0)]:
+        expected.append(keep * expected[-1] + (1 - keep) * value)
+    assert history == pytest.approx(expected)
+    for _ in range(200):
+        average.update_parameters(net)
+    net.weight.data.fill_(10.0)
+    average.update_parameters(net)
+    assert average.module.weight.item() == pytest.approx(0.5 * 2.0 + 0.5 * 10.0)  # the decay caps what is kept
+    assert not any(p.requires_grad for p in average.module.parameters())
+
+
+def test_weight_average_covers_batchnorm_statistics_and_restores_its_count():
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    average = WeightAverage(net, decay=0.9)
+    for _ in range(3):
+        net(torch.randn(8, 2))  # moves the running statistics
+        average.update_parameters(net)
+    bn, averaged_bn = net[1], average.module[1]
+    assert int(averaged_bn.num_batches_tracked) == int(bn.num_batches_tracked) == 3  # a count: copied
+    assert not torch.equal(averaged_bn.running_mean, torch.zeros(3))
+    assert not torch.equal(averaged_bn.running_mean, bn.running_mean)  # averaged, not copied
+    restored = WeightAverage(net, decay=0.9)
+    restored.load_state_dict(average.state_dict())
+    assert restored.updates == 3
+    assert torch.equal(restored.module[0].weight, average.module[0].weight)
+
+
+def test_weight_average_refuses_a_decay_outside_zero_to_one():
+    with pytest.raises(ValueError, match=r"ema decay must be in \[0, 1\), got 1.0"):
+        WeightAverage(nn.Linear(1, 1), 1.0)

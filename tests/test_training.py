@@ -171,3 +171,43 @@ def test_frozen_trunk_epochs_train_only_the_heads(table):
     mh.fit(net, table, freeze_trunk_epochs=1, epochs=1, seed=0, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(trunk_before, net.trunk.parameters()))
     assert not torch.equal(head_before, net.head_layers["age"].linear.weight)
+
+
+# ---- weight averaging (ema=) ----------------------------------------------------------------------
+
+
+def test_ema_zero_is_the_plain_run(table):
+    plain = mh.fit(make_net(), table, validation=0.25, **FAST)
+    averaged = mh.fit(make_net(), table, validation=0.25, ema=0.0, **FAST)
+    pd.testing.assert_frame_equal(plain.history.drop(columns="seconds"), averaged.history.drop(columns="seconds"))
+    assert all(torch.equal(a, b) for a, b in zip(plain.net.parameters(), averaged.net.parameters()))
+
+
+def test_ema_returns_and_scores_the_average_of_the_steps_weights(table):
+    one_step = {"batch_size": len(table["age"]), "lr": 0.05, "seed": 1, "progress": False}  # one step per epoch
+    after_1 = mh.fit(make_net(), table, epochs=1, **one_step).net.state_dict()
+    after_2 = mh.fit(make_net(), table, epochs=2, **one_step).net.state_dict()
+    result = mh.fit(make_net(), table, epochs=2, ema=0.5, **one_step)
+    keep = 2 / 11  # the second update keeps min(0.5, 2/11) of the first step's weights
+    for name, value in result.net.state_dict().items():
+        if value.is_floating_point():
+            expected = keep * after_1[name] + (1 - keep) * after_2[name]
+            torch.testing.assert_close(value, expected, msg=name)
+        else:  # flags and counts are the latest
+            assert torch.equal(value, after_2[name]), name
+    assert not torch.allclose(result.net.head_layers["age"].linear.weight, after_2["head_layers.age.linear.weight"])
+
+
+def test_ema_run_resumes_to_the_same_weights_and_refuses_a_mismatched_resume(tmp_path, table):
+    settings = {"seed": 2, "progress": False, "ema": 0.9}
+    straight = mh.fit(make_net(), table, epochs=2, run_dir=tmp_path / "straight", **settings)
+    mh.fit(make_net(), table, epochs=1, run_dir=tmp_path / "stopped", **settings)
+    resumed = mh.fit(make_net(), table, epochs=2, resume=tmp_path / "stopped", **settings)
+    assert all(torch.equal(a, b) for a, b in zip(straight.net.parameters(), resumed.net.parameters()))
+    with pytest.raises(ValueError, match=r"started with a weight average \(ema=\)"):
+        mh.fit(make_net(), table, epochs=3, resume=tmp_path / "stopped", progress=False)
+
+
+def test_ema_outside_zero_to_one_is_refused_before_training(table):
+    with pytest.raises(ValueError, match=r"ema must be a decay in \[0, 1\)"):
+        mh.fit(make_net(), table, ema=1.5, progress=False)

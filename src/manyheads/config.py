@@ -140,6 +140,7 @@ class TrainConfig(_Section):
     schedule: Literal["constant", "cosine", "onecycle"] | None = None
     warmup: float = Field(0.3, ge=0, lt=1)
     freeze_trunk_epochs: int = Field(0, ge=0)
+    ema: float | None = Field(None, ge=0, lt=1)  # decay of a moving average of the weights
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool | None = None  # None: on for named backbones with image inputs
     compile: bool = False

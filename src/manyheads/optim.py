@@ -1,9 +1,10 @@
-"""Optimizer and learning-rate schedule: parameter groups (trunk and heads), and a per-step factor.
+"""Optimizer, learning-rate schedule and weight averaging.
 
-The schedule is a plain function of the step inside ``LambdaLR``, so its whole state is one
-integer and a checkpoint restores it exactly. One-cycle also cycles momentum (Adam's beta1 or
-SGD's momentum) inversely to the rate, 0.95 -> 0.85 -> 0.95, as torch's ``OneCycleLR`` and
-fastai do: low momentum while the rate is high.
+Parameter groups split trunk and heads. The schedule is a plain function of the step inside
+``LambdaLR``, so its whole state is one integer and a checkpoint restores it exactly. One-cycle
+also cycles momentum (Adam's beta1 or SGD's momentum) inversely to the rate, 0.95 -> 0.85 -> 0.95,
+as torch's ``OneCycleLR`` and fastai do: low momentum while the rate is high. ``WeightAverage``
+keeps an exponential moving average of the weights, as Keras' ``use_ema`` and timm's ``ModelEma``.
 
     opt, trunk = build_optimizer(net, "adamw", lr=1e-3, trunk_lr=1e-4); sched = schedule(opt, "onecycle", 800)
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 SCHEDULES = (None, "constant", "cosine", "onecycle")
@@ -106,3 +108,39 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 def schedule(opt: torch.optim.Optimizer, kind: str | None, total_steps: int, warmup: float = 0.3) -> Schedule:
     """The scheduler, stepping once per training step."""
     return Schedule(opt, schedule_factor(kind, total_steps, warmup), momentum_at(kind, total_steps, warmup))
+
+
+class WeightAverage(AveragedModel):
+    """An exponential moving average of a net's weights and batch-norm statistics (``.module``).
+
+    Update ``t`` keeps ``min(decay, (1 + t) / (10 + t))`` of the average, so early updates forget
+    fast and a short run's average is not anchored to its first steps (TensorFlow's
+    ``num_updates`` rule). The count is kept on the host: updating never waits for the GPU.
+
+        average = WeightAverage(net, 0.999); ...; opt.step(); average.update_parameters(net)
+    """
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        if not 0 <= decay < 1:
+            raise ValueError(f"ema decay must be in [0, 1), got {decay}")
+        super().__init__(net, multi_avg_fn=self._blend, use_buffers=True)
+        self.decay, self.updates = decay, 0
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def _blend(self, averaged: list[torch.Tensor], current: list[torch.Tensor], _: Any) -> None:
+        keep = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - keep)
+        else:  # integer buffers (batch-norm batch counts) are counts, not weights
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+
+    def update_parameters(self, model: nn.Module) -> None:
+        super().update_parameters(model)
+        self.updates += 1
+
+    def load_state_dict(self, state: Any, *args: Any, **kwargs: Any) -> Any:
+        loaded = super().load_state_dict(state, *args, **kwargs)
+        self.updates = int(self.n_averaged)
+        return loaded

@@ -32,7 +32,7 @@ from manyheads.images import Augment
 from manyheads.losses import fit_to_data, resolve, trivial_losses
 from manyheads.metrics import EpochOutputs
 from manyheads.net import MultiHeadNet
-from manyheads.optim import build_optimizer
+from manyheads.optim import WeightAverage, build_optimizer
 from manyheads.optim import schedule as lr_schedule
 from manyheads.result import TrainResult
 from manyheads.selection import Selector
@@ -73,6 +73,7 @@ def fit(
     schedule: str | None = None,
     warmup: float = 0.3,
     freeze_trunk_epochs: int = 0,
+    ema: float | None = None,
     augment: Augment | bool = True,
     image_size: int | None = None,
     precision: str = "fp32",
@@ -122,6 +123,8 @@ def fit(
         ``"onecycle"`` with ``warmup`` as the rising fraction and momentum cycled 0.95-0.85-0.95 as
         torch's ``OneCycleLR`` does, or None), precision (``"fp32"``, ``"bf16"``, ``"fp16"``),
         channels_last (None: on for named backbones), compile, device, seed.
+        ema: keep an exponential moving average of the weights with this decay per step (e.g.
+            0.999); validation, selection and the returned net then use the average.
 
     Selection and records:
         monitor: the history column to pick the best epoch by (``"age/mae"``, default the total
@@ -136,6 +139,8 @@ def fit(
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if on_nonfinite not in ("error", "skip"):
         raise ValueError(f"on_nonfinite must be 'error' or 'skip', got {on_nonfinite!r}")
+    if ema is not None and not 0 <= ema < 1:
+        raise ValueError(f"ema must be a decay in [0, 1), e.g. 0.999, got {ema}")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
     net = _wrap_net(net, heads)
@@ -229,6 +234,8 @@ def fit(
     )
     if channels_last:
         net.to(memory_format=torch.channels_last)
+    average = WeightAverage(net, ema) if ema is not None else None
+    scored = average.module if average is not None else net  # what validation and selection see
     model = cluster.wrap(net)
     step_model = torch.compile(model) if compile else model
     selector = Selector(monitor, val_data is not None, heads=heads, per_head=keep_best_per_head)
@@ -243,6 +250,13 @@ def fit(
         opt.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         balancer.load_state_dict(state["balancer"])
+        if (average is not None) != ("average" in state):
+            raise ValueError(
+                f"resume: the run in {run_dir} was started {'with' if 'average' in state else 'without'} "
+                f"a weight average (ema=); resume it with the same ema= it was started with"
+            )
+        if average is not None:
+            average.load_state_dict(state["average"])
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
@@ -265,6 +279,7 @@ def fit(
                 "partial": {"sums": sums.cpu(), "counts": counts.cpu(), "nonfinite": nonfinite},
                 "history": json.dumps(rows), "seed": seed,
                 "best": selector.state_dict(),
+                **({"average": average.state_dict()} if average is not None else {}),
                 "spec": json.dumps(net.spec()),
             },
         )  # fmt: skip
@@ -315,6 +330,8 @@ def fit(
             else:
                 opt.step()
             scheduler.step()
+            if average is not None:
+                average.update_parameters(net)
             n_labelled = torch.stack([labelled[n] for n in names]).sum(dim=1)
             sums += stacked * n_labelled
             counts += n_labelled
@@ -357,7 +374,8 @@ def fit(
                     row[f"train/{n}/{key}"] = value
         row["train/total/loss"] = total
         if val_data is not None:
-            row.update(evaluate(net, val_data, resolved, current, batch_size=max(batch_size, 256), autocast=autocast))
+            batch = max(batch_size, 256)
+            row.update(evaluate(scored, val_data, resolved, current, batch_size=batch, autocast=autocast))
         for n in names:
             row[f"weight/{n}"] = current[n]
         row["lr"] = scheduler.get_last_lr()[-1]
@@ -365,7 +383,7 @@ def fit(
         if on_nonfinite == "skip":
             row["skipped_nonfinite"] = nonfinite_skipped
         rows.append(row)
-        selector.update(row, net)
+        selector.update(row, scored)
         if progress and cluster.is_main:
             print(_summary(row, names), flush=True)
         for callback in callbacks or []:
@@ -376,8 +394,8 @@ def fit(
         if stop:
             break
 
-    if selector.state is not None:
-        net.load_state_dict(selector.state)
+    if selector.state is not None or average is not None:
+        net.load_state_dict(selector.state if selector.state is not None else scored.state_dict())
     if cluster.world > 1:
         cluster.barrier()
     import pandas as pd
