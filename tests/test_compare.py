@@ -132,3 +132,12 @@ def test_single_head_models_keep_only_their_own_monitor_columns():
     assert _for_head({"monitor": mix}, "gender")["monitor"] is None
     assert _for_head({"monitor": "race/accuracy"}, "race")["monitor"] == "race/accuracy"
     assert _for_head({"monitor": "race/accuracy"}, "age")["monitor"] is None
+
+
+def test_single_head_models_keep_their_heads_hidden_layers():
+    torch.manual_seed(0)
+    template = mh.MultiHeadNet(nn.Sequential(nn.Linear(5, 12), nn.ReLU()), HEADS, hidden={"kind": 6})
+    table = mh.compare(template, _table(), verbose=False, **FIT)
+    kind = table.set_index("head").loc["kind"]
+    assert kind["single_params"] == _trunk_params() + (12 * 6 + 6) + (6 * 3 + 3)  # trunk, hidden layer, output
+    assert kind["joint_params"] == _trunk_params() + (12 * 6 + 6) + (6 * 3 + 3) + 2 * (12 + 1)

@@ -16,7 +16,7 @@ GOOD = {
     "heads": {
         "age": {"kind": "regression", "loss": "mae", "min": 0},
         "gender": {"kind": "binary", "labels": ["male", "female"], "weight": 2},
-        "race": {"kind": "categorical", "labels": ["a", "b", "c"], "class_weights": "balanced"},
+        "race": {"kind": "categorical", "labels": ["a", "b", "c"], "class_weights": "balanced", "hidden": 32},
     },
     "model": {"backbone": "mobilenet_v3_small", "image_size": 64, "tta": "flip"},
     "train": {"epochs": 2, "schedule": "onecycle", "augment": {"jitter": 0.2}},
@@ -38,6 +38,7 @@ def test_good_config_builds_the_net_and_fit_arguments(tmp_path):
     assert heads["race"].class_weights == "balanced"
     net = cfg.build_net()
     assert net.backbone == "mobilenet_v3_small" and net.image_size == 64 and net.tta == "flip"
+    assert net.head_layers["race"].tower[0].out_features == 32 and net.hidden == {"race": 32}
     options = cfg.fit_kwargs()
     assert options["losses"] == {"age": "mae"}
     assert options["weights"] == {"age": 1.0, "gender": 2.0, "race": 1.0}
@@ -74,6 +75,7 @@ def test_flagship_example_is_valid():
         ({"train": {"epochs": 0}}, "train.epochs", "greater than or equal to 1"),
         ({"train": {"weights": "magic"}}, "train.weights", "unknown balancing strategy"),
         ({"train": {"ema": 1}}, "train.ema", "less than 1"),
+        ({"heads": {"age": {"kind": "regression", "hidden": -8}}}, "heads.age.hidden", "greater than or equal to 0"),
         ({"train": {"augment": {"jiter": 0.1}}}, "train.augment.jiter", "unknown key"),
         ({"model": {"backbone": "resnet19"}}, "model.backbone", "unknown backbone"),
         ({"split": {"test": 0.6, "validation": 0.5}}, "split", "leave rows to train on"),

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import manyheads as mh
+from conftest import make_heads
 
 HEADS = {"age": mh.Regression(), "gender": mh.Binary(), "race": mh.Categorical(["a", "b", "c"])}
 
@@ -52,3 +53,39 @@ def test_bad_tta_settings_are_refused():
     net = mh.MultiHeadNet(nn.Linear(4, 8), HEADS, tta="flip").eval()
     with pytest.raises(ValueError, match=r"mirrors image batches.*\[3, 4\]"):
         net(torch.randn(3, 4))
+
+
+# ---- hidden layers per head ---------------------------------------------------------------------
+
+
+def test_hidden_gives_each_named_head_a_layer_of_its_own_and_survives_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    net = mh.MultiHeadNet(small_trunk(), HEADS, image_size=16, hidden={"race": 12, "age": 5})
+    net(torch.zeros(1, 3, 16, 16))  # materialise the lazy layers
+    race, gender = net.head_layers["race"], net.head_layers["gender"]
+    assert race.tower[0].weight.shape == (12, 16) and race.linear.weight.shape == (3, 12)
+    assert isinstance(gender.tower, nn.Identity) and gender.linear.weight.shape == (1, 16)
+    assert net.spec()["hidden"] == {"race": 12, "age": 5}
+    pictures = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    before = net.eval().predict_proba(pictures)
+    loaded = mh.load(net.save(tmp_path / "net.safetensors"), trunk=small_trunk())
+    assert loaded.head_layers["age"].tower[0].out_features == 5
+    for name, p in loaded.predict_proba(pictures).items():
+        assert abs(p - before[name]).max() < 1e-6
+
+
+def test_hidden_for_every_head_trains(table):
+    torch.manual_seed(0)
+    net = mh.MultiHeadNet(nn.Sequential(nn.Linear(8, 32), nn.ReLU()), make_heads(), hidden=16)
+    result = mh.fit(net, table, validation=0.25, epochs=8, lr=3e-3, seed=0, progress=False)
+    assert all(layer.tower[0].out_features == 16 for layer in net.head_layers.values())
+    assert result.history["val/race/accuracy"].iloc[-1] > 0.6  # three balanced classes: constant gets ~0.33
+
+
+@pytest.mark.parametrize(
+    ("hidden", "message"),
+    [({"height": 8}, r"names heads \['height'\]"), ({"race": -1}, r"units >= 0.*'race': -1"), (True, "units >= 0")],
+)
+def test_bad_hidden_settings_are_refused(hidden, message):
+    with pytest.raises(ValueError, match=message):
+        mh.MultiHeadNet(nn.Linear(4, 8), HEADS, hidden=hidden)

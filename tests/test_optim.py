@@ -1,9 +1,8 @@
 import pytest
 import torch
-
-from conftest import make_net
 from torch import nn
 
+from conftest import make_net
 from manyheads.optim import WeightAverage, build_optimizer, schedule, schedule_factor
 
 

@@ -145,7 +145,9 @@ def _compare(args: argparse.Namespace) -> None:
     seed = options.pop("seed")
 
     def net_factory(heads):
-        return MultiHeadNet(**{**cfg.net_kwargs(), "heads": heads})
+        kwargs = cfg.net_kwargs()
+        hidden = {name: units for name, units in kwargs["hidden"].items() if name in heads}
+        return MultiHeadNet(**{**kwargs, "heads": heads, "hidden": hidden})
 
     if args.strategies:
         options.pop("weights")

@@ -50,6 +50,7 @@ def _factory(net_factory: NetFactory | MultiHeadNet | str, heads: Mapping[str, H
                 subset,
                 image_size=template.image_size,
                 dropout=template.dropout,
+                hidden={name: units for name, units in template.hidden.items() if name in subset},
                 tta=template.tta,
             )
             net.backbone = template.backbone

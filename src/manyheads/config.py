@@ -49,7 +49,7 @@ class DataConfig(_Section):
 
 
 class HeadConfig(_Section):
-    """One head: its kind and labels, and optionally its loss, constant weight, class weights, label smoothing."""
+    """One head: kind and labels; optionally loss, constant weight, class weights, label smoothing, hidden layer."""
 
     kind: Literal["regression", "binary", "categorical", "ordinal", "multilabel"]
     labels: list[str | int | float] | None = None
@@ -58,6 +58,7 @@ class HeadConfig(_Section):
     class_weights: Literal["balanced"] | dict[str | int, float] | None = None
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # classifiers: train towards 1 - e, spread e evenly
     standardize: bool = True  # regression: learn in units of the targets' spread
+    hidden: int = Field(0, ge=0)  # units of a hidden layer of this head's own before its output; 0: none
     min: float | None = None  # regression: targets outside [min, max] are bad rows
     max: float | None = None
 
@@ -91,7 +92,7 @@ class HeadConfig(_Section):
 
     def build(self) -> Head:
         """The head kind this entry describes: ``HeadConfig(kind="binary").build()``."""
-        spec = self.model_dump(exclude={"loss", "weight"}, exclude_none=True)
+        spec = self.model_dump(exclude={"loss", "weight", "hidden"}, exclude_none=True)
         if self.kind != "regression":
             spec.pop("standardize")
         return head_from_spec(spec)
@@ -224,6 +225,7 @@ class RunConfig(_Section):
             "pretrained": m.pretrained,
             "image_size": m.image_size,
             "dropout": m.dropout,
+            "hidden": {name: head.hidden for name, head in self.heads.items()},
             "tta": m.tta,
         }
 

@@ -457,13 +457,21 @@ def head_from_spec(spec: Mapping) -> Head:
 class HeadLayer(nn.Module):
     """The layer a :class:`MultiHeadNet` puts on the shared features for one head.
 
-    For standardized regression it holds the training targets' centre and scale as buffers,
-    so the output is in the target's own units while the linear layer works near unit scale.
+    With ``hidden`` units, a hidden layer and ReLU of the head's own (a "tower") come first:
+    capacity for this head alone on top of the shared features. For standardized regression it
+    holds the training targets' centre and scale as buffers, so the output is in the target's own
+    units while the linear layer works near unit scale.
     """
 
-    def __init__(self, head: Head, in_features: int | None) -> None:
+    def __init__(self, head: Head, in_features: int | None, hidden: int = 0) -> None:
         super().__init__()
         # Lazy when the trunk's feature size is unknown: fit materialises it with one dry batch.
+        if hidden:
+            first = nn.Linear(in_features, hidden) if in_features else nn.LazyLinear(hidden)
+            self.tower = nn.Sequential(first, nn.ReLU())
+            in_features = hidden
+        else:
+            self.tower = nn.Identity()
         out = head.out_features
         self.linear = nn.Linear(in_features, out) if in_features else nn.LazyLinear(out)
         self.squeeze = head.out_features == 1 and not isinstance(head, Ordinal)
@@ -473,7 +481,7 @@ class HeadLayer(nn.Module):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))  # centre/scale set from data
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        out = self.linear(features)
+        out = self.linear(self.tower(features))
         if self.squeeze:
             out = out.squeeze(-1)
         if self.affine:

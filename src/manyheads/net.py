@@ -30,6 +30,8 @@ class MultiHeadNet(nn.Module):
 
     ``trunk`` is an ``nn.Module`` or a backbone name (see :func:`manyheads.backbones.available`).
     ``forward`` returns a dict head name -> raw output (logits for classification heads).
+    ``hidden`` gives heads a hidden layer of their own (units, for all heads or ``{head: units}``;
+    0: the head is one linear layer on the shared features).
     With ``outputs_dict=True`` the trunk itself returns that dict (a whole multi-output module).
     With ``tta="flip"``, in eval mode each head's raw output is the mean over the image and its
     mirror image (test-time augmentation at twice the inference cost). It is part of the net, so
@@ -44,6 +46,7 @@ class MultiHeadNet(nn.Module):
         pretrained: bool | str = False,
         image_size: int | None = None,
         dropout: float = 0.0,
+        hidden: int | Mapping[str, int] = 0,
         outputs_dict: bool = False,
         tta: str | None = None,
     ) -> None:
@@ -60,6 +63,7 @@ class MultiHeadNet(nn.Module):
         self.image_size = image_size or (128 if self.backbone else None)
         self.outputs_dict = outputs_dict
         self.dropout = dropout
+        self.hidden = _hidden_per_head(hidden, heads)
         self.tta = tta
         if self.backbone:
             trunk, features = backbones.create(self.backbone, pretrained)
@@ -69,7 +73,7 @@ class MultiHeadNet(nn.Module):
         self.head_layers = nn.ModuleDict()
         if not outputs_dict:
             for name, head in self.heads.items():
-                self.head_layers[name] = HeadLayer(head, features)
+                self.head_layers[name] = HeadLayer(head, features, self.hidden.get(name, 0))
         self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +183,7 @@ class MultiHeadNet(nn.Module):
             "backbone": self.backbone,
             "image_size": self.image_size,
             "dropout": self.dropout,
+            "hidden": self.hidden,
             "outputs_dict": self.outputs_dict,
             "tta": self.tta,
         }
@@ -192,6 +197,18 @@ class MultiHeadNet(nn.Module):
         with atomic_path(path) as tmp:  # temporary file, fsync, rename: never a half-written model
             save_file(tensors, str(tmp), metadata={"manyheads": json.dumps(self.spec())})
         return path
+
+
+def _hidden_per_head(hidden: int | Mapping[str, int], heads: Mapping[str, Head]) -> dict[str, int]:
+    """Hidden units per head (only heads that have a hidden layer)."""
+    per_head = dict(hidden) if isinstance(hidden, Mapping) else dict.fromkeys(heads, hidden)
+    unknown = sorted(set(per_head) - set(heads))
+    if unknown:
+        raise ValueError(f"hidden= names heads {unknown} that the net does not have; heads: {sorted(heads)}")
+    bad = {name: n for name, n in per_head.items() if isinstance(n, bool) or not isinstance(n, int) or n < 0}
+    if bad:
+        raise ValueError(f"hidden= must give each head a number of units >= 0 (0: no hidden layer), got {bad}")
+    return {name: units for name, units in per_head.items() if units}
 
 
 def read_spec(path: str | os.PathLike) -> dict:
@@ -226,6 +243,7 @@ def load(path: str | os.PathLike, *, trunk: nn.Module | None = None, device: str
         heads,
         image_size=spec["image_size"],
         dropout=spec.get("dropout", 0.0),
+        hidden=spec.get("hidden", 0),
         outputs_dict=spec.get("outputs_dict", False),
         tta=spec.get("tta"),
     )
