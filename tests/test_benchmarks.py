@@ -142,3 +142,15 @@ def test_reference_loop_tiny_scores_the_flagship_test_rows(faces):
         assert float(rows[name][1]) >= 0 and 0 <= float(rows[name][3].rstrip("%")) <= 100
     # the test rows are those manyheads train holds out: 15 % of the 12 generated faces, seed 0
     assert "10 training and 2 test images" in section
+
+
+def test_reference_loop_holds_out_the_split_it_is_given(faces, monkeypatch):
+    import reference_loop
+
+    seeds, split_of = [], reference_loop.Split.of
+    monkeypatch.setattr(
+        reference_loop.Split, "of", staticmethod(lambda n, cfg: seeds.append(cfg.seed) or split_of(n, cfg))
+    )
+    section = reference_loop.main(["--tiny", "--data", str(faces), "--workers", "1", "--split-seed", "3"])
+    assert seeds == [3]
+    assert "test split of split seed 3" in section and "split.seed=3" in section
