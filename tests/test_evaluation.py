@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import manyheads as mh
-from manyheads.evaluation import _bin_width, evaluate_report
+from manyheads.evaluation import _bin_width, _interval, evaluate_report
 
 RACES = ["White", "Black", "Asian", "Indian", "Others"]
 
@@ -132,3 +132,42 @@ def test_bin_width_gives_decades_for_ages():
     assert _bin_width(60) == 10
     assert _bin_width(19) == 2  # 10 bins rather than 19 of width 1
     assert _bin_width(0.9) == pytest.approx(0.1)
+
+
+# ---- bootstrap intervals --------------------------------------------------------------------------
+
+
+def test_accuracy_interval_matches_the_normal_approximation_and_narrows_with_more_rows():
+    head = mh.Categorical(["a", "b"])
+    for n in (400, 4000):
+        target = torch.zeros(n, dtype=torch.long)
+        logits = torch.zeros(n, 2)
+        logits[: int(0.85 * n), 0] = 1.0  # 85 % right
+        logits[int(0.85 * n) :, 1] = 1.0
+        interval = _interval(head, logits, target, "accuracy")
+        half = 1.96 * (0.85 * 0.15 / n) ** 0.5
+        assert interval["low"] == pytest.approx(0.85 - half, abs=0.25 * half)
+        assert interval["high"] == pytest.approx(0.85 + half, abs=0.25 * half)
+        assert interval["level"] == 0.95 and interval["resamples"] == 1000
+
+
+def test_intervals_for_metrics_that_are_not_row_means_and_too_few_rows():
+    head = mh.MultiLabel(["x", "y"])
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 2, (60, 2), generator=gen).float()
+    output = (target * 2 - 1) * 3 + torch.randn(60, 2, generator=gen) * 3  # mostly right
+    point = head.metrics(output, target)["macro_f1"]
+    interval = _interval(head, output, target, "macro_f1")
+    assert interval["low"] < point < interval["high"] and interval["high"] - interval["low"] < 0.5
+    assert _interval(mh.Regression(), torch.ones(1), torch.zeros(1), "mae") is None
+
+
+def test_report_gives_each_head_an_interval_around_its_metric(net, table, tmp_path):
+    report = evaluate_report(net, table, tmp_path, inputs="x")
+    for head in report["heads"].values():
+        interval, value = head["interval"], head["metrics"][head["primary"]]
+        assert interval["metric"] == head["primary"] and interval["low"] <= value <= interval["high"]
+    age = report["heads"]["age"]["interval"]
+    assert 0 <= age["low"] < age["high"] <= 5  # MAE of five rows with errors 0-5
+    text = (tmp_path / "report.md").read_text()
+    assert "95% interval |" in text and f"| mae {age['low']:.4g}-{age['high']:.4g} |" in text

@@ -33,8 +33,11 @@ def _with_data(cfg: RunConfig, data: str | None) -> RunConfig:
 def _headline(report: dict) -> str:
     parts = []
     for name, head in report["heads"].items():
-        value = head["metrics"].get(head["primary"])
-        parts.append(f"{name} {head['primary']} {'–' if value is None else format(value, '.4g')}")
+        value, interval = head["metrics"].get(head["primary"]), head.get("interval")
+        text = f"{name} {head['primary']} {'–' if value is None else format(value, '.4g')}"
+        if interval:
+            text += f" ({interval['level']:.0%}: {interval['low']:.4g}-{interval['high']:.4g})"
+        parts.append(text)
     return " | ".join(parts)
 
 

@@ -1,9 +1,11 @@
 """The evaluation report: per-head metrics on a held-out table, error and confusion plots, fairness by group.
 
-Writes ``report.md`` (readable on its own), ``metrics.json`` and PNGs into a folder: for regression
-heads the error by range of the true value and predicted against true; for classifiers the
-confusion matrix; and for every classifier's groups (true labels, e.g. each race) every head's
-primary metric within that group, with the gap between the best and the worst group.
+Writes ``report.md`` (readable on its own), ``metrics.json`` and PNGs into a folder: per-head
+metrics, each head's primary metric with a 95 % bootstrap interval (how far it could move on
+another test set of this size); for regression heads the error by range of the true value and
+predicted against true; for classifiers the confusion matrix; and for every classifier's groups
+(true labels, e.g. each race) every head's primary metric within that group, with the gap
+between the best and the worst group.
 
     report = evaluate_report(net, test_df, "runs/faces")  # report["heads"]["age"]["metrics"]["mae"]
 """
@@ -25,6 +27,7 @@ from manyheads.metrics import PRIMARY
 from manyheads.reports import _pyplot
 
 GROUP_KINDS = ("binary", "categorical", "ordinal")  # heads whose true labels define groups
+LEVEL, RESAMPLES = 0.95, 1000  # bootstrap intervals: coverage and number of resamples (seeded)
 METRIC_ORDER = ("mae", "rmse", "mae_bins", "accuracy", "auroc", "macro_f1")
 
 
@@ -49,6 +52,40 @@ def _predicted_class(head: Head, output: torch.Tensor) -> torch.Tensor:
     if head.kind == "ordinal":
         return head.rank(output)
     return head.canonical(output).argmax(dim=1)
+
+
+def _per_row(head: Head, output: torch.Tensor, target: torch.Tensor, metric: str) -> torch.Tensor | None:
+    """Each row's share of a metric that is a mean over rows (accuracy, MAE); None for the others."""
+    if metric == "mae" and head.kind == "regression":
+        return (head.canonical(output).float() - target.float()).abs()
+    if metric == "accuracy" and head.kind in GROUP_KINDS:
+        return (_predicted_class(head, output) == target.long()).float()
+    if metric == "mae_bins" and head.kind == "ordinal":
+        return (head.rank(output) - target.long()).abs().float()
+    return None
+
+
+def _interval(head: Head, output: torch.Tensor, target: torch.Tensor, metric: str) -> dict[str, Any] | None:
+    """Percentile bootstrap interval of ``metric``: the labelled rows resampled with replacement, seeded."""
+    n = target.shape[0]
+    if n < 2:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    per_row = _per_row(head, output, target, metric)
+    values = []
+    chunk = max(1, min(RESAMPLES, 2**23 // n))  # at most ~8 M indices at a time
+    for start in range(0, RESAMPLES, chunk):
+        rows = torch.randint(n, (min(chunk, RESAMPLES - start), n), generator=gen)
+        if per_row is not None:
+            values.append(per_row[rows].mean(dim=1))
+        else:  # metrics that are not means over rows (AUROC, F1, RMSE): computed on each resample
+            values.append(torch.tensor([head.metrics(output[r], target[r]).get(metric, math.nan) for r in rows]))
+    values = torch.cat(values).double()
+    values = values[torch.isfinite(values)]
+    if values.numel() < RESAMPLES // 2:
+        return None
+    low, high = torch.quantile(values, torch.tensor([(1 - LEVEL) / 2, (1 + LEVEL) / 2], dtype=torch.double))
+    return {"metric": metric, "level": LEVEL, "low": float(low), "high": float(high), "resamples": RESAMPLES}
 
 
 def _bin_width(span: float) -> float:
@@ -141,6 +178,7 @@ def evaluate_report(
         report["heads"][name] = entry
         if not keep.any():
             continue
+        entry["interval"] = _interval(head, raw[name][keep], encoded.targets[name][keep], metric)
         if head.kind == "regression":
             true = encoded.targets[name][keep].numpy().astype(float)
             predicted = head.canonical(raw[name][keep]).numpy().astype(float)
@@ -192,6 +230,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows] + [""]
 
 
+def _interval_text(interval: dict | None) -> str:
+    return f"{interval['metric']} {_fmt(interval['low'])}-{_fmt(interval['high'])}" if interval else "–"
+
+
 def _markdown(net, report: dict) -> str:
     heads = report["heads"]
     arrow = {name: "↑" if h["higher_is_better"] else "↓" for name, h in heads.items()}
@@ -203,13 +245,17 @@ def _markdown(net, report: dict) -> str:
               f"Rows evaluated: {report['rows']}" + (f"; skipped {len(report['skipped'])} unreadable or invalid "
               "rows (listed in metrics.json)" if report["skipped"] else "") + ".",
               "Every metric uses the rows labelled for that head. ↓ lower is better, ↑ higher is better.",
-              "", "## Metrics per head", ""]  # fmt: skip
+              "", "## Metrics per head", "",
+              f"The interval is a {LEVEL:.0%} percentile bootstrap of each head's primary metric ({RESAMPLES} "
+              "resamples of the labelled rows): how much the metric could move on another test set of this size.",
+              ""]  # fmt: skip
     names = [m for m in METRIC_ORDER if any(m in h["metrics"] for h in heads.values())]
     names += sorted({m for h in heads.values() for m in h["metrics"]} - set(names))
     lines += _table(
-        ["head", "kind", "labelled rows", *names],
-        [[n, h["kind"], h["labelled"], *(h["metrics"].get(m) for m in names)] for n, h in heads.items()],
-    )
+        ["head", "kind", "labelled rows", *names, f"{LEVEL:.0%} interval"],
+        [[n, h["kind"], h["labelled"], *(h["metrics"].get(m) for m in names), _interval_text(h.get("interval"))]
+         for n, h in heads.items()],
+    )  # fmt: skip
     for name, bins in report["by_range"].items():
         lines += [f"## {name}: error by true value", "",
                   "Mean absolute error and mean signed error (prediction − truth; > 0 means too high) per range.", "",
