@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from manyheads import data as datasets
+from manyheads import encoding
 from manyheads.distributed import Cluster
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -21,9 +21,9 @@ TOLERANCE = 1e-6  # largest weight difference allowed, 2 processes vs 1 (measure
 
 @pytest.mark.parametrize("n, batch, world", [(64, 8, 2), (50, 8, 2), (61, 4, 3)])
 def test_the_shards_of_a_step_are_the_single_process_batch(n, batch, world):
-    encoded = datasets.Encoded(torch.arange(n).float()[:, None], {}, {})
-    single = datasets.Batches(encoded, batch * world, torch.device("cpu"), seed=7)
-    shards = [datasets.Batches(encoded, batch, torch.device("cpu"), seed=7, shard=(r, world)) for r in range(world)]
+    encoded = encoding.Encoded(torch.arange(n).float()[:, None], {}, {})
+    single = encoding.Batches(encoded, batch * world, torch.device("cpu"), seed=7)
+    shards = [encoding.Batches(encoded, batch, torch.device("cpu"), seed=7, shard=(r, world)) for r in range(world)]
     kept = n // world * world  # equal shares, as DistributedSampler(drop_last=True)
     assert all(len(s) == -(-kept // (batch * world)) for s in shards)  # len(single) - 1 when a dropped row spills
     for epoch in range(2):

@@ -357,7 +357,7 @@ def test_looks_like_images(column, expected):
 
 
 def test_uint8_batches_at_the_training_size_are_used_without_a_copy():
-    from manyheads.data import encode
+    from manyheads.encoding import encode
     from manyheads.heads import Regression
 
     pictures = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 import manyheads as mh
-from manyheads.data import split_rows
+from manyheads.encoding import split_rows
 from manyheads.heads import head_from_spec
 from manyheads.images import BadImageError, load_rgb
 

@@ -57,7 +57,7 @@ def test_rows_missing_a_label_do_not_change_that_heads_gradient():
     table = make_table(n=64, missing_age=24)
     heads = make_heads()
     resolved = resolve(heads, {"age": "mae"})
-    from manyheads.data import encode
+    from manyheads.encoding import encode
 
     data = encode(table, heads, "x")
     resolved["age"].scale = 10.0

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from manyheads import data as datasets
+from manyheads import encoding
 from manyheads import images as imaging
 from manyheads.heads import Head
 from manyheads.metrics import LOWER_IS_BETTER, PRIMARY
@@ -175,12 +175,12 @@ def compare(
     if not strategies or not seeds:
         raise ValueError("compare needs at least one strategy and one seed")
     build, heads = _factory(net_factory, heads)
-    table = datasets.columns_of(train, "train")
-    input_name = datasets.input_column(table, heads, inputs)
+    table = encoding.columns_of(train, "train")
+    input_name = encoding.input_column(table, heads, inputs)
     if test is None:
-        train_table, test_table = datasets.split(table, test_fraction, split_seed)
+        train_table, test_table = encoding.split(table, test_fraction, split_seed)
     else:
-        train_table, test_table = table, datasets.columns_of(test, "test")
+        train_table, test_table = table, encoding.columns_of(test, "test")
     run_dir = fit_options.pop("run_dir", None)
     scratch = None
     column = table[input_name]
@@ -188,12 +188,12 @@ def compare(
         if imaging.looks_like_images(column):  # image files: decode them once for all models, not per model
             scratch = tempfile.TemporaryDirectory(prefix="manyheads-compare-")
             fit_options["cache_dir"] = scratch.name
-    encoded: dict[Any, datasets.Encoded] = {}
+    encoded: dict[Any, encoding.Encoded] = {}
 
     def score(net: MultiHeadNet, result) -> dict[str, float]:
         size = fit_options.get("image_size") or net.image_size
         if size not in encoded:  # encode the test split once per image size
-            encoded[size] = datasets.encode(
+            encoded[size] = encoding.encode(
                 test_table, heads, input_name, image_size=size, on_bad=fit_options.get("on_bad", "error"),
                 cache_dir=fit_options.get("cache_dir"), workers=fit_options.get("workers"),
             )  # fmt: skip

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from manyheads import data as datasets
+from manyheads import encoding
 from manyheads.heads import Head
 from manyheads.metrics import PRIMARY
 from manyheads.reports import _pyplot
@@ -32,13 +32,13 @@ METRIC_ORDER = ("mae", "rmse", "mae_bins", "accuracy", "auroc", "macro_f1")
 
 
 @torch.no_grad()
-def _outputs(net, encoded: datasets.Encoded, batch_size: int) -> dict[str, torch.Tensor]:
+def _outputs(net, encoded: encoding.Encoded, batch_size: int) -> dict[str, torch.Tensor]:
     """Raw outputs per head for every encoded row, in row order, on the CPU."""
     was = net.training
     net.eval()
     device = next(net.parameters()).device
     chunks: dict[str, list] = {name: [] for name in net.heads}
-    for x, _, _ in datasets.Batches(encoded, batch_size, device, shuffle=False).epoch(0):
+    for x, _, _ in encoding.Batches(encoded, batch_size, device, shuffle=False).epoch(0):
         out = net(x)
         for name in net.heads:
             chunks[name].append(out[name].float().cpu())
@@ -113,7 +113,7 @@ def _by_range(true: np.ndarray, predicted: np.ndarray) -> list[dict]:
     return rows
 
 
-def _group_table(heads: dict[str, Head], group: str, raw, encoded: datasets.Encoded) -> dict[str, Any]:
+def _group_table(heads: dict[str, Head], group: str, raw, encoded: encoding.Encoded) -> dict[str, Any]:
     """Each head's primary metric within each group of ``group``'s true labels, and best/worst gaps."""
     g_head = heads[group]
     g_target = encoded.targets[group].long()
@@ -159,13 +159,13 @@ def evaluate_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = datasets.columns_of(table_or_df, "evaluation data")
+    table = encoding.columns_of(table_or_df, "evaluation data")
     heads = dict(net.heads)
-    input_name = datasets.input_column(table, heads, inputs)
+    input_name = encoding.input_column(table, heads, inputs)
     size = getattr(net, "image_size", None)
-    encoded = datasets.encode(table, heads, input_name, image_size=size, on_bad="skip")
+    encoded = encoding.encode(table, heads, input_name, image_size=size, on_bad="skip")
     if len(encoded) == 0:
-        raise ValueError(f"no usable rows to evaluate: all {datasets.n_rows(table)} were skipped, "
+        raise ValueError(f"no usable rows to evaluate: all {encoding.n_rows(table)} were skipped, "
                          f"e.g. {encoded.bad[0]['reason'] if encoded.bad else '?'}")  # fmt: skip
     raw = _outputs(net, encoded, batch_size)
     report: dict[str, Any] = {"title": title, "note": note, "rows": len(encoded), "skipped": encoded.bad,

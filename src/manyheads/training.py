@@ -22,11 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from manyheads import balancing, checkpoint
-from manyheads import data as datasets
+from manyheads import balancing, checkpoint, encoding
 from manyheads.allocator import keep_freed_memory
-from manyheads.data import fits_on_device
 from manyheads.distributed import Cluster
+from manyheads.encoding import fits_on_device
 from manyheads.heads import Head
 from manyheads.images import Augment
 from manyheads.losses import fit_to_data, resolve, trivial_losses
@@ -165,14 +164,14 @@ def fit(
     torch.manual_seed(seed)
 
     # ---- data: table -> encoded tensors -> batches on the device -------------------------
-    table = datasets.columns_of(train, "train")
-    input_name = datasets.input_column(table, heads, inputs)
+    table = encoding.columns_of(train, "train")
+    input_name = encoding.input_column(table, heads, inputs)
     train_rows = val_rows = None  # positions in the user's table, which errors name
     if isinstance(validation, float):
-        train_rows, val_rows = datasets.split_rows(datasets.n_rows(table), validation, seed)
-        table, val_table = datasets.take(table, train_rows), datasets.take(table, val_rows)
+        train_rows, val_rows = encoding.split_rows(encoding.n_rows(table), validation, seed)
+        table, val_table = encoding.take(table, train_rows), encoding.take(table, val_rows)
     else:
-        val_table = None if validation is None else datasets.columns_of(validation, "validation")
+        val_table = None if validation is None else encoding.columns_of(validation, "validation")
     image_size = image_size or net.image_size
     encode = dict(
         image_size=image_size,
@@ -181,10 +180,10 @@ def fit(
         workers=workers,
         progress=progress and cluster.is_main,
     )
-    train_data = datasets.encode(table, heads, input_name, row_numbers=train_rows, **encode)
+    train_data = encoding.encode(table, heads, input_name, row_numbers=train_rows, **encode)
     val_data = None
     if val_table is not None:
-        val_data = datasets.encode(val_table, heads, input_name, row_numbers=val_rows, **encode)
+        val_data = encoding.encode(val_table, heads, input_name, row_numbers=val_rows, **encode)
     bad = train_data.bad + ([{**b, "split": "validation"} for b in val_data.bad] if val_data else [])
     if bad and cluster.is_main:
         kinds = ", ".join(f"{kind}: {n}" for kind, n in Counter(b["kind"] for b in bad).most_common())
@@ -201,7 +200,7 @@ def fit(
         with torch.no_grad():  # materialise lazy head layers with one dry batch
             was = net.training
             net.eval()
-            probe = next(datasets.Batches(train_data, 2, device, shuffle=False).epoch(0))[0]
+            probe = next(encoding.Batches(train_data, 2, device, shuffle=False).epoch(0))[0]
             net(probe)
             net.train(was)
     if device.type == "cuda" and fits_on_device(train_data, val_data, device=device):
@@ -222,7 +221,7 @@ def fit(
     )
     if channels_last is None:  # named conv backbones run about 2x faster channels-last, on CPU and GPU alike
         channels_last = net.backbone is not None and train_data.images
-    batches = datasets.Batches(
+    batches = encoding.Batches(
         train_data, batch_size, device, seed=seed, augment=augment, channels_last=channels_last,
         shard=(cluster.rank, cluster.world),
     )  # fmt: skip
@@ -414,7 +413,7 @@ def fit(
 @torch.no_grad()
 def evaluate(
     net: MultiHeadNet,
-    data: datasets.Encoded,
+    data: encoding.Encoded,
     resolved,
     weights: Mapping[str, float] | None = None,
     *,
@@ -427,7 +426,7 @@ def evaluate(
     net.eval()
     device = next(net.parameters()).device
     outputs: dict[str, list] = {n: [] for n in net.heads}
-    for x, _, _ in datasets.Batches(data, batch_size, device, shuffle=False).epoch(0):
+    for x, _, _ in encoding.Batches(data, batch_size, device, shuffle=False).epoch(0):
         with autocast or contextlib.nullcontext():
             out = net(x)
         for n in net.heads:

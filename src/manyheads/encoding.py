@@ -1,4 +1,4 @@
-"""Data: from a table of columns to encoded inputs and targets, then to batches on the device.
+"""Encoding: from a table of columns to encoded inputs and targets, then to batches on the device.
 
 A table is a dict of columns (name -> list, numpy array or tensor), a pandas DataFrame, or a
 torch Dataset yielding dicts (read once). One column holds the inputs (numeric arrays or
