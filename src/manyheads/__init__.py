@@ -10,11 +10,11 @@ from manyheads.compare import compare, write_comparison
 from manyheads.heads import Binary, Categorical, Head, MultiLabel, Ordinal, Regression
 from manyheads.net import MultiHeadNet, load
 from manyheads.result import TrainResult
-from manyheads.training import evaluate, fit
+from manyheads.training import fit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Binary", "Categorical", "Head", "MultiHeadNet", "MultiLabel", "Ordinal", "Regression", "TrainResult",
-    "compare", "datasets", "evaluate", "fit", "load", "write_comparison",
+    "compare", "datasets", "fit", "load", "write_comparison",
 ]  # fmt: skip

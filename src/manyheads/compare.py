@@ -25,9 +25,10 @@ import torch
 from manyheads import encoding
 from manyheads import images as imaging
 from manyheads.heads import Head
+from manyheads.inference import score as score_on
 from manyheads.metrics import LOWER_IS_BETTER, PRIMARY
 from manyheads.net import MultiHeadNet
-from manyheads.training import evaluate, fit
+from manyheads.training import fit
 
 NetFactory = Callable[[dict[str, Head]], MultiHeadNet]
 NOT_OPTIONS = {"seed": "seeds=", "resume": "nothing (compare trains fresh models)"}
@@ -198,7 +199,7 @@ def compare(
                 cache_dir=fit_options.get("cache_dir"), workers=fit_options.get("workers"),
             )  # fmt: skip
         batch = max(int(fit_options.get("batch_size", 64)), 256)
-        return evaluate(net, encoded[size], result.losses, batch_size=batch, prefix="test")
+        return score_on(net, encoded[size], result.losses, batch_size=batch, prefix="test")
 
     total = len(seeds) * (len(heads) + len(strategies))
     count = 0

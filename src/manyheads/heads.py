@@ -436,6 +436,7 @@ class MultiLabel(_Classifier):
 
 
 KINDS: dict[str, type[Head]] = {cls.kind: cls for cls in (Regression, Binary, Categorical, Ordinal, MultiLabel)}
+REGISTRY = KINDS  # head kind name -> class; becomes the heads/ package registry
 
 
 def head_from_spec(spec: Mapping) -> Head:

@@ -28,15 +28,15 @@ from manyheads.distributed import Cluster
 from manyheads.encoding import fits_on_device
 from manyheads.heads import Head
 from manyheads.images import Augment
+from manyheads.inference import score
 from manyheads.losses import fit_to_data, resolve, trivial_losses
 from manyheads.metrics import EpochOutputs
 from manyheads.net import MultiHeadNet
 from manyheads.optim import WeightAverage, build_optimizer
 from manyheads.optim import schedule as lr_schedule
+from manyheads.precision import PRECISIONS
 from manyheads.result import TrainResult
 from manyheads.selection import Selector
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _default_device() -> torch.device:
@@ -374,7 +374,7 @@ def fit(
         row["train/total/loss"] = total
         if val_data is not None:
             batch = max(batch_size, 256)
-            row.update(evaluate(scored, val_data, resolved, current, batch_size=batch, autocast=autocast))
+            row.update(score(scored, val_data, resolved, current, batch_size=batch, autocast=autocast))
         for n in names:
             row[f"weight/{n}"] = current[n]
         row["lr"] = scheduler.get_last_lr()[-1]
@@ -408,43 +408,6 @@ def fit(
     if run_dir is not None and cluster.is_main:
         result.write(run_dir)
     return result
-
-
-@torch.no_grad()
-def evaluate(
-    net: MultiHeadNet,
-    data: encoding.Encoded,
-    resolved,
-    weights: Mapping[str, float] | None = None,
-    *,
-    batch_size: int = 256,
-    autocast: Any = None,
-    prefix: str = "val",
-) -> dict[str, float]:
-    """Loss and metrics per head (and the weighted total) over an encoded set, in one pass."""
-    was = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    outputs: dict[str, list] = {n: [] for n in net.heads}
-    for x, _, _ in encoding.Batches(data, batch_size, device, shuffle=False).epoch(0):
-        with autocast or contextlib.nullcontext():
-            out = net(x)
-        for n in net.heads:
-            outputs[n].append(out[n].float())
-    net.train(was)
-    row: dict[str, float] = {}
-    total = 0.0
-    for n, head in net.heads.items():
-        out = torch.cat(outputs[n])
-        target, labelled = data.targets[n].to(device), data.labelled[n].to(device)
-        loss = float(resolved[n](out, target, labelled)) if labelled.any() else float("nan")
-        row[f"{prefix}/{n}/loss"] = loss
-        row[f"{prefix}/{n}/labels"] = int(labelled.sum())
-        for key, value in head.metrics(out[labelled], target[labelled]).items():
-            row[f"{prefix}/{n}/{key}"] = value
-        total += (weights or {}).get(n, 1.0) * (0.0 if math.isnan(loss) else loss)
-    row[f"{prefix}/total/loss"] = total
-    return row
 
 
 def _check_finite(

@@ -1,0 +1,81 @@
+"""Inference: the one batched pass of a net over encoded rows, and per-head scores from it.
+
+Training-time validation, the evaluation report, ``compare``'s test scores, ``predict``, the
+service and export all run the net through :func:`raw_outputs`; :func:`score` turns those outputs
+into the history's ``split/head/metric`` columns.
+
+    row = score(net, encoded, losses, prefix="val")  # {"val/age/loss": ..., "val/age/mae": ..., ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from manyheads import columns, encoding
+
+
+@torch.no_grad()
+def raw_outputs(
+    net: torch.nn.Module,
+    data: encoding.Encoded | torch.Tensor,
+    *,
+    batch_size: int = 256,
+    autocast: Any = None,
+    device: torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each head's raw output (float32, in row order, on the net's device) in eval mode.
+
+    ``data`` is an encoded set (images are normalised on the device as in training) or a float
+    batch the net takes as it is.
+
+        out = raw_outputs(net, encoded)["age"]
+    """
+    was = net.training
+    net.eval()
+    device = device or next(net.parameters()).device
+    if isinstance(data, torch.Tensor):
+        batches = (data[i : i + batch_size].to(device) for i in range(0, data.shape[0], batch_size))
+    else:
+        batches = (x for x, _, _ in encoding.Batches(data, batch_size, device, shuffle=False).epoch(0))
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in net.heads}
+    try:
+        for x in batches:
+            with autocast or contextlib.nullcontext():
+                out = net(x)
+            for name in chunks:
+                chunks[name].append(out[name].float())
+    finally:
+        net.train(was)
+    return {name: torch.cat(parts) if parts else torch.empty(0, device=device) for name, parts in chunks.items()}
+
+
+def score(
+    net: torch.nn.Module,
+    data: encoding.Encoded,
+    losses: Mapping,
+    weights: Mapping[str, float] | None = None,
+    *,
+    batch_size: int = 256,
+    autocast: Any = None,
+    prefix: str = "val",
+) -> dict[str, float]:
+    """Loss and metrics per head, and the weighted total loss, over an encoded set in one pass."""
+    outputs = raw_outputs(net, data, batch_size=batch_size, autocast=autocast)
+    row: dict[str, float] = {}
+    total = 0.0
+    for name, head in net.heads.items():
+        out = outputs[name]
+        target, labelled = data.targets[name].to(out.device), data.labelled[name].to(out.device)
+        loss = float(losses[name](out, target, labelled)) if labelled.any() else float("nan")
+        row[columns.name(prefix, name, "loss")] = loss
+        row[columns.name(prefix, name, "labels")] = int(labelled.sum())
+        for key, value in head.metrics(out[labelled], target[labelled]).items():
+            row[columns.name(prefix, name, key)] = value
+        total += (weights or {}).get(name, 1.0) * (0.0 if math.isnan(loss) else loss)
+    row[columns.name(prefix, "total", "loss")] = total
+    return row
