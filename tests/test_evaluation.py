@@ -1,4 +1,4 @@
-"""Tests for manyheads.evaluation: metrics, error ranges, confusion and per-group fairness on known predictions."""
+"""Tests for manyheads.reports.evaluation: metrics, error ranges, confusion and fairness on known predictions."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import manyheads as mh
-from manyheads.evaluation import _bin_width, _interval, evaluate_report
+from manyheads.reports.evaluation import _bin_width, _interval, evaluate_report
 
 RACES = ["White", "Black", "Asian", "Indian", "Others"]
 

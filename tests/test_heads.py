@@ -35,7 +35,7 @@ def test_every_kind_resolves_its_default_loss_and_round_trips(head):
     if head.kind in ("binary", "categorical", "multilabel"):
         smoothed = head_from_spec({**head.spec(), "label_smoothing": 0.1})
         assert smoothed.label_smoothing == 0.1 and head_from_spec(smoothed.spec()).spec() == smoothed.spec()
-    assert set(KINDS) == {"regression", "binary", "categorical", "ordinal", "multilabel"}
+    assert {"regression", "binary", "categorical", "ordinal", "multilabel", "distribution"} <= set(KINDS)
 
 
 def test_default_losses_follow_mathematica():
@@ -120,3 +120,10 @@ def test_readout_is_probabilities_for_classifiers_and_values_for_regression():
     probabilities = mh.Categorical(["a", "b"]).readout(torch.tensor([[0.0, 0.0]]))
     assert probabilities.tolist() == [[0.5, 0.5]]
     assert mh.Binary().readout(torch.tensor([0.0])).tolist() == [[0.5, 0.5]]
+
+
+def test_a_number_that_spells_a_label_means_that_label_not_an_index():
+    head = mh.Categorical(["1", "2", "3+"])  # a CSV column read as numbers where it could be
+    target, _ = head.encode([1, 2.0, "3+", "2"], name="children")
+    assert target.tolist() == [0, 1, 2, 1]
+    assert mh.Categorical(["a", "b", "c"]).encode([0, 2], name="x")[0].tolist() == [0, 2]  # indices still work

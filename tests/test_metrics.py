@@ -2,7 +2,7 @@ import torch
 
 import manyheads as mh
 from conftest import make_net, make_table
-from manyheads.metrics import EpochOutputs, head_metrics
+from manyheads.metrics import EpochOutputs
 
 
 def test_epoch_outputs_fill_buffers_allocated_once():
@@ -29,6 +29,6 @@ def test_training_metrics_cover_every_row_of_the_epoch():
     with torch.no_grad():  # lr 0 and no normalisation layers: training outputs equal these
         outputs = net(torch.as_tensor(table["x"]))
     ages = torch.tensor([float(a) for a in table["age"]])
-    expected = head_metrics(mh.Regression(), outputs["age"], ages)
+    expected = mh.Regression().metrics(outputs["age"], ages)
     assert abs(result.history["train/age/mae"].iloc[0] - expected["mae"]) < 1e-4
     assert result.history["train/race/labels"].iloc[0] == 150

@@ -6,15 +6,17 @@ result = mh.fit(net, df, losses={"age": "mae"}, weights={"gender": 5})
 """
 
 from manyheads import datasets
-from manyheads.compare import compare, write_comparison
-from manyheads.heads import Binary, Categorical, Head, MultiLabel, Ordinal, Regression
+from manyheads.compare import compare
+from manyheads.heads import Binary, Categorical, Distribution, Head, MultiLabel, Ordinal, Regression
+from manyheads.inference import evaluate
 from manyheads.net import MultiHeadNet, load
+from manyheads.reports import write_comparison
 from manyheads.result import TrainResult
 from manyheads.training import fit
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Binary", "Categorical", "Head", "MultiHeadNet", "MultiLabel", "Ordinal", "Regression", "TrainResult",
-    "compare", "datasets", "fit", "load", "write_comparison",
+    "Binary", "Categorical", "Distribution", "Head", "MultiHeadNet", "MultiLabel", "Ordinal", "Regression",
+    "TrainResult", "compare", "datasets", "evaluate", "fit", "load", "write_comparison",
 ]  # fmt: skip

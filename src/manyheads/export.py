@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from manyheads import images
-from manyheads.heads import Binary, Head, MultiLabel, Ordinal, Regression, head_from_spec
+from manyheads.heads import Head, head_from_spec
 from manyheads.net import MultiHeadNet
 
 SPEC_KEY = "manyheads"
@@ -48,21 +48,7 @@ class _Graph(nn.Module):
         if self.image:  # the same arithmetic as images.normalize, so outputs match to float rounding
             x = (x.float().div(255) - self.mean) / self.std
         raw = self.net(x)
-        outputs = []
-        for name, head in self.net.heads.items():
-            outputs.append(_ordinal_proba(head, raw[name]) if isinstance(head, Ordinal) else head.readout(raw[name]))
-        return tuple(outputs)
-
-
-def _ordinal_proba(head: Ordinal, output: torch.Tensor) -> torch.Tensor:
-    """``Ordinal.proba`` without ``cumprod``, which ONNX lacks: the chain product column by column."""
-    s = torch.sigmoid(head.canonical(output).float())
-    above = [s[:, 0]]
-    for j in range(1, head.out_features):
-        above.append(above[-1] * s[:, j])
-    chain = torch.stack(above, dim=1)
-    ones, zeros = torch.ones_like(chain[:, :1]), torch.zeros_like(chain[:, :1])
-    return torch.cat([ones, chain], dim=1) - torch.cat([chain, zeros], dim=1)
+        return tuple(head.readout(raw[name]) for name, head in self.net.heads.items())
 
 
 def _example(net: MultiHeadNet, example: torch.Tensor | None) -> torch.Tensor:
@@ -123,7 +109,7 @@ def export_onnx(
         net.train(was_training)
     model = onnx.load(str(path))
     shape = ["N", *x.shape[1:]]
-    kind = {name: "value" if isinstance(head, Regression) else "probabilities" for name, head in net.heads.items()}
+    kind = {name: head.readout_kind for name, head in net.heads.items()}
     io = {
         "input": {"name": input_name, "dtype": "uint8" if input_name == "image" else "float32", "shape": shape},
         "outputs": kind,
@@ -138,21 +124,6 @@ def export_onnx(
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
-
-
-def decode(head: Head, output: np.ndarray) -> list:
-    """User-facing values from one exported head output (values or probabilities), like ``Head.decode``."""
-    if isinstance(head, Regression):
-        return output.reshape(-1).astype(float).tolist()
-    if isinstance(head, Binary):
-        positive = (output[:, 1] > 0.5).tolist()
-        return [head.labels[int(p)] for p in positive] if head.spec().get("labels") else positive
-    if isinstance(head, MultiLabel):
-        return [[label for label, on in zip(head.labels, row) if on] for row in (output > 0.5).tolist()]
-    if isinstance(head, Ordinal):  # CORN rank: thresholds passed, P(rank > j) = sum of p[j + 1:]
-        above = output[:, ::-1].cumsum(axis=1)[:, ::-1][:, 1:]
-        return [head.labels[int(r)] for r in (above > 0.5).sum(axis=1)]
-    return [head.labels[int(i)] for i in output.argmax(axis=1)]
 
 
 class OnnxModel:
@@ -210,9 +181,9 @@ class OnnxModel:
     def predict(self, inputs: Any, *, batch_size: int = 256) -> dict[str, list]:
         """Decoded predictions per head: floats for regression, label names for classifiers."""
         out = self.outputs(inputs, batch_size=batch_size)
-        return {name: decode(head, out[name]) for name, head in self.heads.items()}
+        return {name: head.decode_readout(out[name]) for name, head in self.heads.items()}
 
     def predict_proba(self, inputs: Any, *, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Per-class probabilities [N, k] for every classification head (columns follow labels)."""
         out = self.outputs(inputs, batch_size=batch_size)
-        return {name: out[name] for name, head in self.heads.items() if not isinstance(head, Regression)}
+        return {name: out[name] for name, head in self.heads.items() if head.readout_kind == "probabilities"}

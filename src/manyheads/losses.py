@@ -1,7 +1,8 @@
 """Losses: a registry of per-sample losses, and the resolved loss of each head.
 
 A head's loss is a registered name (``"mse"``, ``"mae"``, ``"huber"``, ``"bce"``,
-``"cross_entropy"``, ``"focal"``, ``"corn"``), a torch loss module, or any callable
+``"cross_entropy"``, ``"focal"``, ``"corn"``, and for distribution heads ``"dldl"`` and
+``"mean_variance"``), a torch loss module, or any callable
 ``(output, target) -> per-sample or scalar loss`` (called on labelled rows only).
 
     mh.fit(net, data, losses={"age": "mae", "race": my_loss})
@@ -9,8 +10,10 @@ A head's loss is a registered name (``"mse"``, ``"mae"``, ``"huber"``, ``"bce"``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +69,35 @@ def _corn(output, target, class_weight):
     return losses.sum(dim=1) / eligible.sum(dim=1).clamp(min=1)
 
 
+def _expectation(p: torch.Tensor) -> torch.Tensor:
+    """The mean bin of distributions [B, K] over bins 0..K-1."""
+    return (p * torch.arange(p.shape[1], device=p.device, dtype=p.dtype)).sum(dim=1)
+
+
+def _dldl(output, target, class_weight, sigma: float = 1.0, lam: float = 1.0):
+    """DLDL-v2 (Gao et al. 2018): KL from a Gaussian around the label to the prediction, plus lam x L1 of its mean.
+
+    ``output`` holds logits over bins 0..K-1, ``target`` the label in bin units, ``sigma`` the label's spread.
+    """
+    bins = torch.arange(output.shape[1], device=output.device, dtype=output.dtype)
+    spread = -0.5 * ((bins[None, :] - target[:, None]) / sigma).square()
+    label = torch.softmax(spread, dim=1)  # the Gaussian, normalised over the bins it has
+    log_q = torch.log_softmax(output, dim=1)
+    kl = (label * (torch.log(label.clamp_min(1e-12)) - log_q)).sum(dim=1)
+    return kl + lam * (_expectation(log_q.exp()) - target).abs()
+
+
+def _mean_variance(output, target, class_weight, lam_mean: float = 0.2, lam_var: float = 0.05):
+    """Mean-variance loss (Pan et al. 2018): cross-entropy on the label's bin, plus its mean and variance terms."""
+    bins = torch.arange(output.shape[1], device=output.device, dtype=output.dtype)
+    p = torch.softmax(output, dim=1)
+    mean = _expectation(p)
+    variance = (p * (bins[None, :] - mean[:, None]).square()).sum(dim=1)
+    nearest = target.round().long().clamp(0, output.shape[1] - 1)
+    ce = F.cross_entropy(output, nearest, reduction="none")
+    return ce + lam_mean * (mean - target).square() / 2 + lam_var * variance
+
+
 REGISTRY: dict[str, PerSample] = {
     "mse": _mse,
     "mae": _mae,
@@ -74,6 +106,8 @@ REGISTRY: dict[str, PerSample] = {
     "cross_entropy": _cross_entropy,
     "focal": _focal,
     "corn": _corn,
+    "dldl": _dldl,
+    "mean_variance": _mean_variance,
 }
 ALIASES = {
     "l2": "mse",
@@ -82,15 +116,59 @@ ALIASES = {
     "ce": "cross_entropy",
     "crossentropy": "cross_entropy",
 }
-# Which registered losses make sense for which head kinds.
-SUITS = {
-    "regression": {"mse", "mae", "huber"},
-    "binary": {"bce", "focal"},
-    "categorical": {"cross_entropy", "focal"},
-    "ordinal": {"corn", "cross_entropy"},
-    "multilabel": {"bce", "focal"},
-}
-SMOOTHABLE = {"bce", "cross_entropy", "focal"}  # losses that take the soft targets of label_smoothing
+VARIANTS: dict[str, PerSample] = {"focal_softmax": _focal_softmax}  # forms a head kind asks for by name
+
+
+class _Suits(Mapping):
+    """Head kind -> the losses that suit it, read from the head registry (for callers that index by kind)."""
+
+    def __getitem__(self, kind: str) -> frozenset[str]:
+        from manyheads.heads import REGISTRY as KINDS
+
+        return KINDS[kind].losses
+
+    def __iter__(self):
+        from manyheads.heads import REGISTRY as KINDS
+
+        return iter(KINDS)
+
+    def __len__(self) -> int:
+        from manyheads.heads import REGISTRY as KINDS
+
+        return len(KINDS)
+
+
+SUITS = _Suits()
+SMOOTHABLE = frozenset({"bce", "cross_entropy", "focal"})
+
+
+def canonical_name(name: str) -> str:
+    """A loss name as the registry knows it: ``"L1"`` -> ``"mae"``."""
+    return ALIASES.get(name.lower(), name.lower())
+
+
+def check_suits(head: Head, head_name: str, loss: Any) -> str | None:
+    """The registered key of ``loss`` for this head, or None for a callable; a clear error when it cannot apply.
+
+    check_suits(mh.Regression(), "age", "l1")  # "mae"
+    """
+    key = None
+    if isinstance(loss, str):
+        key = canonical_name(loss)
+        if key not in REGISTRY:
+            raise ValueError(f"unknown loss {loss!r} for head {head_name!r}; available: {sorted(REGISTRY)}")
+        if key not in head.losses:
+            raise ValueError(
+                f"loss {loss!r} does not fit head {head_name!r} ({head.kind}); use one of {sorted(head.losses)}"
+            )
+    elif not callable(loss):
+        raise ValueError(f"loss for head {head_name!r} must be a name or a callable, got {loss!r}")
+    if head.label_smoothing and key not in head.smoothable:
+        raise ValueError(
+            f"label_smoothing on head {head_name!r} applies to the built-in losses {sorted(head.smoothable)}, "
+            f"not to {loss!r}; a custom loss smooths its own targets"
+        )
+    return key
 
 
 @dataclass
@@ -98,42 +176,31 @@ class HeadLoss:
     """One head's resolved loss: what is computed and with which weight.
 
     ``scale`` divides regression errors (the training targets' spread) so heads share a scale;
-    ``class_weight`` holds per-class weights for classifiers.
+    ``class_weight`` holds per-class weights for classifiers. ``head`` is the head kind object,
+    ``head_name`` its name in the net.
     """
 
-    head: str
-    kind: Head
+    head_name: str
+    head: Head
     name: str
     fn: Callable
     weight: float = 1.0
     builtin: bool = True
     scale: float = 1.0
     class_weight: torch.Tensor | None = None
+    options: dict = field(default_factory=dict)  # what the head kind passes its loss (e.g. a spread in bins)
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
         """Mean loss over labelled rows; 0 (not NaN) when the batch has none for this head."""
-        output = self.kind.canonical(output)
         if not self.builtin:
-            return self._custom(output, target, labelled)
-        if self.kind.kind == "ordinal" and self.name == "cross_entropy":
-            output = self.kind.proba(output).clamp_min(1e-7).log()
-        output = output.float()
-        if self.kind.kind == "regression":
-            output, target = output / self.scale, target / self.scale
-        per_sample = self.fn(output, self._smoothed(target, output.shape[-1]), self.class_weight)
+            return self._custom(self.head.canonical(output), target, labelled)
+        output, soft = self.head.loss_inputs(output, target, self.name, self.scale)
+        per_sample = self.fn(output, soft, self.class_weight, **self.options)
         mask = labelled.to(per_sample.dtype)
-        if self.class_weight is not None and self.kind.kind in ("binary", "categorical", "ordinal"):
-            mask = mask * self.class_weight.to(per_sample.device)[target.long()]
+        weights = self.head.row_weights(target, self.class_weight)
+        if weights is not None:
+            mask = mask * weights
         return (per_sample * mask).sum() / mask.sum().clamp(min=1e-12)
-
-    def _smoothed(self, target: torch.Tensor, classes: int) -> torch.Tensor:
-        """Targets moved ``e`` towards uniform; class indices become probability rows."""
-        e = self.kind.label_smoothing
-        if not e:
-            return target
-        if self.kind.kind in ("binary", "multilabel"):
-            return target * (1 - e) + e / 2
-        return F.one_hot(target.long(), classes).float() * (1 - e) + e / classes
 
     def _custom(self, output, target, labelled):
         output, target = output[labelled], target[labelled]
@@ -143,18 +210,18 @@ class HeadLoss:
         if not isinstance(loss, torch.Tensor) or loss.shape not in (torch.Size([]), torch.Size([output.shape[0]])):
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
-                f"custom loss for head {self.head!r} returned shape {shape}; it must return a scalar "
+                f"custom loss for head {self.head_name!r} returned shape {shape}; it must return a scalar "
                 f"or one loss per labelled row, shape ({output.shape[0]},)"
             )
         return loss.mean()
 
     def describe(self) -> str:
         extra = ""
-        if self.kind.kind == "regression" and self.builtin and self.scale != 1.0:
+        if self.builtin and self.scale != 1.0:
             extra = f" on errors / {self.scale:.3g}"
         if self.class_weight is not None:
             extra += f", class weights {[round(w, 3) for w in self.class_weight.tolist()]}"
-        return f"{self.head}: {self.name}{extra} x {self.weight:g}"
+        return f"{self.head_name}: {self.name}{extra} x {self.weight:g}"
 
 
 class ResolvedLosses(dict):
@@ -179,30 +246,16 @@ def resolve(
     for name, head in heads.items():
         spec = losses.get(name, head.default_loss)
         weight = weights.get(name, 1.0)
-        if not isinstance(weight, int | float) or weight < 0:
-            raise ValueError(f"weight for head {name!r} must be a number >= 0, got {weight!r}")
-        if isinstance(spec, str):
-            key = ALIASES.get(spec.lower(), spec.lower())
-            if key not in REGISTRY:
-                raise ValueError(f"unknown loss {spec!r} for head {name!r}; available: {sorted(REGISTRY)}")
-        if head.label_smoothing and (not isinstance(spec, str) or key not in SMOOTHABLE):
-            raise ValueError(
-                f"label_smoothing on head {name!r} applies to the built-in losses {sorted(SMOOTHABLE)}, "
-                f"not to {spec!r}; a custom loss smooths its own targets"
-            )
-        if isinstance(spec, str):
-            if key not in SUITS[head.kind]:
-                raise ValueError(
-                    f"loss {spec!r} does not fit head {name!r} ({head.kind}); use one of {sorted(SUITS[head.kind])}"
-                )
-            # Smoothed categorical targets are [B, k] like multi-label ones, so the kind picks the form.
-            fn = _focal_softmax if key == "focal" and head.kind == "categorical" else REGISTRY[key]
-            resolved[name] = HeadLoss(name, head, key, fn, float(weight))
-        elif callable(spec):
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0 or weight == math.inf:
+            raise ValueError(f"the weight of head {name!r} must be a finite number >= 0; got {weight!r}")
+        key = check_suits(head, name, spec)
+        if key is not None:
+            variant = head.loss_variants.get(key)
+            fn = VARIANTS[variant] if variant else REGISTRY[key]
+            resolved[name] = HeadLoss(name, head, key, fn, float(weight), options=head.loss_options(key))
+        else:
             label = type(spec).__name__ if isinstance(spec, torch.nn.Module) else getattr(spec, "__name__", "custom")
             resolved[name] = HeadLoss(name, head, label, spec, float(weight), builtin=False)
-        else:
-            raise ValueError(f"loss for head {name!r} must be a name or a callable, got {spec!r}")
     return resolved
 
 
@@ -216,8 +269,8 @@ def fit_to_data(
     for name, loss in resolved.items():
         if name in scales:
             loss.scale = scales[name]
-        if loss.builtin and loss.kind.class_weights is not None:
-            weights = loss.kind.class_weight_vector(targets[name], labelled[name])
+        if loss.builtin and loss.head.class_weights is not None:
+            weights = loss.head.class_weight_vector(targets[name], labelled[name])
             loss.class_weight = None if weights is None else weights.to(targets[name].device)
 
 
@@ -230,22 +283,7 @@ def trivial_losses(
         target = targets[name][labelled[name]]
         if target.numel() == 0:
             continue
-        head = loss.kind
-        if head.kind == "regression":
-            constant = torch.full_like(target, float(target.mean()))
-        elif head.kind in ("binary", "multilabel"):
-            p = target.float().mean(dim=0).clamp(1e-4, 1 - 1e-4)
-            constant = torch.log(p / (1 - p)).expand_as(target).clone()
-        else:
-            prior = torch.bincount(target.long(), minlength=len(head.labels)).float().clamp(min=1)
-            prior = prior / prior.sum()
-            if head.kind == "ordinal":  # CORN logits of the prior: P(rank > j | rank >= j)
-                tail = prior.flip(0).cumsum(0).flip(0)
-                p = (tail[1:] / tail[:-1]).clamp(1e-4, 1 - 1e-4)
-                logits = torch.log(p / (1 - p))
-            else:
-                logits = prior.log()
-            constant = logits.expand(len(target), -1).clone()
+        constant = loss.head.trivial_output(target)
         with torch.no_grad():
             value = float(loss(constant, target, torch.ones(len(target), dtype=torch.bool, device=target.device)))
         out[name] = max(value, 1e-6)

@@ -19,10 +19,60 @@ from torch import nn
 
 from manyheads import backbones
 from manyheads.checkpoint import atomic_path
-from manyheads.heads import Head, HeadLayer, Regression, head_from_spec
+from manyheads.heads import Head, head_from_spec
 
 FORMAT = "manyheads/1"
 TTA_MODES = (None, "flip")
+MAX_IMAGE_SIZE = 4096  # pixels a side: beyond it one uint8 image is over 50 MB, a spec error rather than a model
+RESERVED = {"total"}  # history's pseudo-head of the weighted total loss
+
+
+def _check_image_size(size: Any) -> None:
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= MAX_IMAGE_SIZE):
+        raise ValueError(f"image_size must be a whole number of pixels in [8, {MAX_IMAGE_SIZE}]; got {size!r}")
+
+
+def _check_head_name(name: Any) -> None:
+    """Head names become history columns (``val/NAME/mae``) and file names (``best_NAME.safetensors``)."""
+    if not isinstance(name, str) or not name or name in RESERVED or name.startswith("."):
+        raise ValueError(f"head name {name!r} is not allowed: use a non-empty name, not {sorted(RESERVED)} or '.'-led")
+    if any(ch in name for ch in "/\\\0") or name != name.strip():
+        raise ValueError(f"head name {name!r} is not allowed: no '/', '\\', NUL or surrounding spaces")
+
+
+class HeadLayer(nn.Module):
+    """The layer a :class:`MultiHeadNet` puts on the shared features for one head.
+
+    With ``hidden`` units, a hidden layer and ReLU of the head's own (a "tower") come first:
+    capacity for this head alone on top of the shared features. For a standardized head (see
+    ``Head.target_scale``) it holds the training targets' centre and scale as buffers, so the
+    output is in the target's own units while the linear layer works near unit scale.
+    """
+
+    def __init__(self, head: Head, in_features: int | None, hidden: int = 0) -> None:
+        super().__init__()
+        # Lazy when the trunk's feature size is unknown: fit materialises it with one dry batch.
+        if hidden:
+            first = nn.Linear(in_features, hidden) if in_features else nn.LazyLinear(hidden)
+            self.tower = nn.Sequential(first, nn.ReLU())
+            in_features = hidden
+        else:
+            self.tower = nn.Identity()
+        out = head.out_features
+        self.linear = nn.Linear(in_features, out) if in_features else nn.LazyLinear(out)
+        self.squeeze = head.squeeze
+        self.affine = head.standardized
+        self.register_buffer("center", torch.zeros(()))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))  # centre/scale set from data
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = self.linear(self.tower(features))
+        if self.squeeze:
+            out = out.squeeze(-1)
+        if self.affine:
+            out = out * self.scale + self.center
+        return out
 
 
 class MultiHeadNet(nn.Module):
@@ -58,6 +108,9 @@ class MultiHeadNet(nn.Module):
         bad = [name for name, head in heads.items() if not isinstance(head, Head)]
         if bad:
             raise ValueError(f"heads {bad} are not head kinds (mh.Regression(), mh.Binary(), ...)")
+        for name in heads:
+            _check_head_name(name)
+        _check_image_size(image_size)
         self.heads = dict(heads)
         self.backbone = trunk if isinstance(trunk, str) else None
         self.image_size = image_size or (128 if self.backbone else None)
@@ -105,24 +158,26 @@ class MultiHeadNet(nn.Module):
 
     @torch.no_grad()
     def fit_target_scales(self, targets: Mapping[str, torch.Tensor], labelled: Mapping[str, torch.Tensor]) -> dict:
-        """Set standardized regression heads' centre and scale from training targets (once, on a fresh net).
+        """Set standardized heads' centre and scale from training targets (once, on a fresh net).
 
         Returns each such head's scale, which its loss divides errors by.
         """
         scales = {}
         for name, head in self.heads.items():
-            if not isinstance(head, Regression) or not head.standardize:
+            if not head.standardized:
                 continue
-            values = targets[name][labelled[name]].float()
             layer = self.head_layers[name] if name in self.head_layers else None
-            if layer is not None and not layer.fitted and values.numel() >= 2:
-                layer.center.fill_(values.mean())
-                layer.scale.fill_(values.std().clamp(min=1e-6))
-                layer.fitted.fill_(True)
-            if layer is not None:
+            if layer is not None and bool(layer.fitted):
                 scales[name] = float(layer.scale)
-            elif values.numel() >= 2:
-                scales[name] = float(values.std().clamp(min=1e-6))
+                continue
+            fitted = head.target_scale(targets[name][labelled[name]].float())
+            if fitted is None:
+                continue
+            if layer is not None:
+                layer.center.fill_(fitted[0])
+                layer.scale.fill_(fitted[1])
+                layer.fitted.fill_(True)
+            scales[name] = fitted[1]
         return scales
 
     # ---- inference ----------------------------------------------------------------------
@@ -140,15 +195,11 @@ class MultiHeadNet(nn.Module):
             return images.normalize(batch)
         return torch.as_tensor(np.asarray(inputs, dtype=np.float32))
 
-    @torch.no_grad()
     def _raw(self, inputs: Any, batch_size: int) -> dict[str, torch.Tensor]:
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        x = self.prepare(inputs)
-        chunks = [self(x[i : i + batch_size].to(device)) for i in range(0, x.shape[0], batch_size)]
-        self.train(was_training)
-        return {name: torch.cat([c[name].float().cpu() for c in chunks]) for name in self.heads}
+        from manyheads.inference import raw_outputs
+
+        outputs = raw_outputs(self, self.prepare(inputs), batch_size=batch_size)
+        return {name: out.cpu() for name, out in outputs.items()}
 
     def predict(self, inputs: Any, *, batch_size: int = 256) -> dict[str, list]:
         """Decoded predictions per head: floats for regression, label names for classifiers.
@@ -165,15 +216,6 @@ class MultiHeadNet(nn.Module):
         return {name: p.numpy() for name, p in probabilities.items() if p is not None}
 
     # ---- files ---------------------------------------------------------------------------
-
-    def export_onnx(self, path: str | os.PathLike, **kw: Any) -> Path:
-        """Write this net as one ONNX graph (see :func:`manyheads.export.export_onnx`).
-
-        net.export_onnx("model.onnx")
-        """
-        from manyheads.export import export_onnx
-
-        return export_onnx(self, path, **kw)
 
     def spec(self) -> dict:
         """Everything but the weights that is needed to rebuild this net."""
@@ -212,7 +254,7 @@ def _hidden_per_head(hidden: int | Mapping[str, int], heads: Mapping[str, Head])
 
 
 def read_spec(path: str | os.PathLike) -> dict:
-    """The spec stored in a model file, without loading weights."""
+    """The spec stored in a model file, without loading weights; a damaged one is named, field and all."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -222,33 +264,60 @@ def read_spec(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not a manyheads model file ({error})") from None
     if "manyheads" not in meta:
         raise ValueError(f"{path}: a safetensors file without a manyheads spec")
-    return json.loads(meta["manyheads"])
+    try:
+        spec = json.loads(meta["manyheads"])
+    except ValueError:
+        raise ValueError(f"{path}: the model spec is not valid JSON; the file is damaged") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: the model spec is a {type(spec).__name__}, not a mapping; the file is damaged")
+    if not isinstance(spec.get("heads"), dict) or not spec["heads"]:
+        raise ValueError(f"{path}: the model spec's 'heads' field must map head names to head specs")
+    return spec
+
+
+def _net_from_spec(spec: dict, trunk: nn.Module | None) -> MultiHeadNet:
+    heads = {name: head_from_spec(h, name) for name, h in spec["heads"].items()}
+    backbone = spec.get("backbone")
+    if backbone is not None and not isinstance(backbone, str):
+        raise ValueError(f"the 'backbone' field must be a backbone name or null, got {backbone!r}")
+    if backbone is None and trunk is None:
+        raise ValueError("it was built on a custom trunk; pass it: mh.load(path, trunk=MyTrunk())")
+    return MultiHeadNet(
+        backbone or trunk,
+        heads,
+        image_size=spec.get("image_size"),
+        dropout=spec.get("dropout", 0.0),
+        hidden=spec.get("hidden", 0),
+        outputs_dict=spec.get("outputs_dict", False),
+        tta=spec.get("tta"),
+    )
 
 
 def load(path: str | os.PathLike, *, trunk: nn.Module | None = None, device: str | None = None) -> MultiHeadNet:
     """Load a net saved with :meth:`MultiHeadNet.save`; nothing in the file is executed.
 
-    Nets built on a custom trunk need that trunk's (untrained) module passed as ``trunk``.
+    Nets built on a custom trunk need that trunk's (untrained) module passed as ``trunk``. A damaged
+    or inconsistent file, or one whose weights are not finite, is refused with the file and field named.
 
         net = mh.load("faces.safetensors")
     """
     from safetensors.torch import load_file
 
     spec = read_spec(path)
-    heads = {name: head_from_spec(h) for name, h in spec["heads"].items()}
-    if spec["backbone"] is None and trunk is None:
-        raise ValueError(f"{path} was built on a custom trunk; pass it: mh.load(path, trunk=MyTrunk())")
-    net = MultiHeadNet(
-        spec["backbone"] or trunk,
-        heads,
-        image_size=spec["image_size"],
-        dropout=spec.get("dropout", 0.0),
-        hidden=spec.get("hidden", 0),
-        outputs_dict=spec.get("outputs_dict", False),
-        tta=spec.get("tta"),
-    )
+    try:
+        net = _net_from_spec(spec, trunk)
+    except (TypeError, KeyError, ValueError) as error:
+        raise ValueError(f"{path}: the model spec does not describe a net this version can build: {error}") from None
     state = load_file(str(path))
-    net.load_state_dict(state)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0:2]
+        raise ValueError(f"{path}: the weights do not fit the net its spec describes ({' '.join(first)})") from None
+    broken = [key for key, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise ValueError(f"{path}: the weights hold NaN or inf (in {broken[:3]}); this model cannot answer. "
+                         f"Retrain it, or load an earlier checkpoint")  # fmt: skip
     if device:
         net.to(device)
     return net.eval()

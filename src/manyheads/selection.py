@@ -16,12 +16,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from manyheads.metrics import LOWER_IS_BETTER, PRIMARY
-
-
-def _column(name: str, prefix: str) -> str:
-    column = name if name.startswith(("val/", "train/")) else f"{prefix}/{name}"
-    return column + "/loss" if column.count("/") == 1 else column
+from manyheads import columns
+from manyheads.metrics import LOWER_IS_BETTER
 
 
 def _better(score: float, best: float | None) -> bool:
@@ -48,7 +44,7 @@ class Selector:
         mix = {mix: 1.0} if isinstance(mix, str) else dict(mix)
         self.weights = {}
         for name, weight in mix.items():
-            column = _column(name, prefix)
+            column = columns.qualify(name, prefix)
             lower = column.rsplit("/", 1)[-1] in LOWER_IS_BETTER
             # a single metric where higher is better is maximised; a mix is minimised as given
             self.weights[column] = float(weight) if (len(mix) > 1 or lower) else -float(weight)
@@ -59,9 +55,11 @@ class Selector:
         )
         self.head_columns = {}
         if per_head and heads:
-            for head, kind in heads.items():
-                metric, higher = PRIMARY[kind.kind]
-                self.head_columns[head] = (f"{prefix}/{head}/{metric}", -1.0 if higher else 1.0)
+            for name, head in heads.items():
+                self.head_columns[name] = (
+                    columns.name(prefix, name, head.primary),
+                    -1.0 if head.higher_is_better else 1.0,
+                )
         self.score: float | None = None
         self.epoch: int | None = None
         self.state: dict | None = None

@@ -23,46 +23,12 @@ import torch
 
 from manyheads import encoding
 from manyheads.heads import Head
-from manyheads.metrics import PRIMARY
-from manyheads.reports import _pyplot
+from manyheads.inference import raw_outputs
+from manyheads.reports import markdown as md
+from manyheads.reports.plots import pyplot
 
-GROUP_KINDS = ("binary", "categorical", "ordinal")  # heads whose true labels define groups
 LEVEL, RESAMPLES = 0.95, 1000  # bootstrap intervals: coverage and number of resamples (seeded)
 METRIC_ORDER = ("mae", "rmse", "mae_bins", "accuracy", "auroc", "macro_f1")
-
-
-@torch.no_grad()
-def _outputs(net, encoded: encoding.Encoded, batch_size: int) -> dict[str, torch.Tensor]:
-    """Raw outputs per head for every encoded row, in row order, on the CPU."""
-    was = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    chunks: dict[str, list] = {name: [] for name in net.heads}
-    for x, _, _ in encoding.Batches(encoded, batch_size, device, shuffle=False).epoch(0):
-        out = net(x)
-        for name in net.heads:
-            chunks[name].append(out[name].float().cpu())
-    net.train(was)
-    return {name: torch.cat(parts) for name, parts in chunks.items()}
-
-
-def _predicted_class(head: Head, output: torch.Tensor) -> torch.Tensor:
-    if head.kind == "binary":
-        return (head.canonical(output) > 0).long()
-    if head.kind == "ordinal":
-        return head.rank(output)
-    return head.canonical(output).argmax(dim=1)
-
-
-def _per_row(head: Head, output: torch.Tensor, target: torch.Tensor, metric: str) -> torch.Tensor | None:
-    """Each row's share of a metric that is a mean over rows (accuracy, MAE); None for the others."""
-    if metric == "mae" and head.kind == "regression":
-        return (head.canonical(output).float() - target.float()).abs()
-    if metric == "accuracy" and head.kind in GROUP_KINDS:
-        return (_predicted_class(head, output) == target.long()).float()
-    if metric == "mae_bins" and head.kind == "ordinal":
-        return (head.rank(output) - target.long()).abs().float()
-    return None
 
 
 def _interval(head: Head, output: torch.Tensor, target: torch.Tensor, metric: str) -> dict[str, Any] | None:
@@ -71,7 +37,7 @@ def _interval(head: Head, output: torch.Tensor, target: torch.Tensor, metric: st
     if n < 2:
         return None
     gen = torch.Generator().manual_seed(0)
-    per_row = _per_row(head, output, target, metric)
+    per_row = head.per_row(output, target, metric)
     values = []
     chunk = max(1, min(RESAMPLES, 2**23 // n))  # at most ~8 M indices at a time
     for start in range(0, RESAMPLES, chunk):
@@ -123,14 +89,13 @@ def _group_table(heads: dict[str, Head], group: str, raw, encoded: encoding.Enco
         row = {"group": label, "rows": int(members.sum()), "metrics": {}, "labelled": {}}
         for name, head in heads.items():
             keep = members & encoded.labelled[name]
-            metric = PRIMARY[head.kind][0]
-            value = head.metrics(raw[name][keep], encoded.targets[name][keep]).get(metric) if keep.any() else None
+            value = head.metrics(raw[name][keep], encoded.targets[name][keep]).get(head.primary) if keep.any() else None
             row["metrics"][name] = value
             row["labelled"][name] = int(keep.sum())
         rows.append(row)
     gaps = {}
     for name, head in heads.items():
-        metric, higher = PRIMARY[head.kind]
+        metric, higher = head.primary, head.higher_is_better
         values = [(r["metrics"][name], r["group"]) for r in rows if r["metrics"][name] is not None]
         values = [(v, g) for v, g in values if math.isfinite(v)]
         if len(values) >= 2:
@@ -167,31 +132,31 @@ def evaluate_report(
     if len(encoded) == 0:
         raise ValueError(f"no usable rows to evaluate: all {encoding.n_rows(table)} were skipped, "
                          f"e.g. {encoded.bad[0]['reason'] if encoded.bad else '?'}")  # fmt: skip
-    raw = _outputs(net, encoded, batch_size)
+    raw = {name: out.cpu() for name, out in raw_outputs(net, encoded, batch_size=batch_size).items()}
     report: dict[str, Any] = {"title": title, "note": note, "rows": len(encoded), "skipped": encoded.bad,
                               "heads": {}, "by_range": {}, "confusion": {}, "fairness": {}}  # fmt: skip
     for name, head in heads.items():
         keep = encoded.labelled[name]
-        metric, higher = PRIMARY[head.kind]
+        metric, higher = head.primary, head.higher_is_better
         entry = {"kind": head.kind, "labelled": int(keep.sum()), "primary": metric, "higher_is_better": higher}
         entry["metrics"] = head.metrics(raw[name][keep], encoded.targets[name][keep]) if keep.any() else {}
         report["heads"][name] = entry
         if not keep.any():
             continue
         entry["interval"] = _interval(head, raw[name][keep], encoded.targets[name][keep], metric)
-        if head.kind == "regression":
+        if head.continuous:
             true = encoded.targets[name][keep].numpy().astype(float)
-            predicted = head.canonical(raw[name][keep]).numpy().astype(float)
+            predicted = head.predicted(raw[name][keep]).numpy().astype(float)
             report["by_range"][name] = _by_range(true, predicted)
             _plot_regression(name, true, predicted, report["by_range"][name], out / f"{_slug(name)}_errors.png")
-        elif head.kind in GROUP_KINDS:
+        elif head.groups:
             k = len(head.labels)
-            pairs = encoded.targets[name][keep].long() * k + _predicted_class(head, raw[name][keep])
+            pairs = encoded.targets[name][keep].long() * k + head.predicted(raw[name][keep])
             counts = torch.bincount(pairs, minlength=k * k).reshape(k, k).tolist()
             report["confusion"][name] = {"labels": list(head.labels), "counts": counts}
             _plot_confusion(name, head.labels, np.array(counts), out / f"{_slug(name)}_confusion.png")
     for group, head in heads.items():
-        if head.kind in GROUP_KINDS and encoded.labelled[group].any():
+        if head.groups and encoded.labelled[group].any():
             report["fairness"][group] = _group_table(heads, group, raw, encoded)
             _plot_fairness(group, heads, report["fairness"][group], out / f"fairness_by_{_slug(group)}.png")
     report = _json_safe(report)
@@ -219,19 +184,8 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows] + [""]
-
-
 def _interval_text(interval: dict | None) -> str:
-    return f"{interval['metric']} {_fmt(interval['low'])}-{_fmt(interval['high'])}" if interval else "–"
+    return f"{interval['metric']} {md.cell(interval['low'])}-{md.cell(interval['high'])}" if interval else "–"
 
 
 def _markdown(net, report: dict) -> str:
@@ -251,7 +205,7 @@ def _markdown(net, report: dict) -> str:
               ""]  # fmt: skip
     names = [m for m in METRIC_ORDER if any(m in h["metrics"] for h in heads.values())]
     names += sorted({m for h in heads.values() for m in h["metrics"]} - set(names))
-    lines += _table(
+    lines += md.table(
         ["head", "kind", "labelled rows", *names, f"{LEVEL:.0%} interval"],
         [[n, h["kind"], h["labelled"], *(h["metrics"].get(m) for m in names), _interval_text(h.get("interval"))]
          for n, h in heads.items()],
@@ -260,13 +214,14 @@ def _markdown(net, report: dict) -> str:
         lines += [f"## {name}: error by true value", "",
                   "Mean absolute error and mean signed error (prediction − truth; > 0 means too high) per range.", "",
                   f"![{name} errors]({_slug(name)}_errors.png)", ""]  # fmt: skip
-        lines += _table([f"true {name}", "rows", "MAE", "mean error"],
+        lines += md.table([f"true {name}", "rows", "MAE", "mean error"],
                         [[b["range"], b["rows"], b["mae"], b["bias"]] for b in bins])  # fmt: skip
     for name, confusion in report["confusion"].items():
         labels = [str(label) for label in confusion["labels"]]
         lines += [f"## {name}: confusion matrix", "", "Rows: true label; columns: predicted label (counts).", "",
                   f"![{name} confusion]({_slug(name)}_confusion.png)", ""]  # fmt: skip
-        lines += _table(["true \\ predicted", *labels], [[lab, *row] for lab, row in zip(labels, confusion["counts"])])
+        counts = [[label, *row] for label, row in zip(labels, confusion["counts"])]
+        lines += md.table(["true \\ predicted", *labels], counts)
     if report["fairness"]:
         lines += [
             "## Fairness: every head's primary metric per group",
@@ -279,10 +234,10 @@ def _markdown(net, report: dict) -> str:
         header = [group, "rows", *(f"{n} {heads[n]['primary']} {arrow[n]}" for n in heads)]
         rows = [[g["group"], g["rows"], *(g["metrics"][n] for n in heads)] for g in table["groups"]]
         gap = [table["gaps"].get(n) for n in heads]
-        rows.append(["gap (best − worst)", "", *(f"{_fmt(x['gap'])} ({x['best']} vs {x['worst']})" if x else "–"
+        rows.append(["gap (best − worst)", "", *(f"{md.cell(x['gap'])} ({x['best']} vs {x['worst']})" if x else "–"
                                                   for x in gap)])  # fmt: skip
         lines += [f"### by {group}", "", f"![fairness by {group}](fairness_by_{_slug(group)}.png)", ""]
-        lines += _table(header, rows)
+        lines += md.table(header, rows)
     return "\n".join(lines)
 
 
@@ -290,7 +245,7 @@ def _markdown(net, report: dict) -> str:
 
 
 def _plot_regression(name: str, true: np.ndarray, predicted: np.ndarray, bins: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.scatter(true, predicted, s=6, alpha=0.4)
     low, high = float(min(true.min(), predicted.min())), float(max(true.max(), predicted.max()))
@@ -307,7 +262,7 @@ def _plot_regression(name: str, true: np.ndarray, predicted: np.ndarray, bins: l
 
 
 def _plot_confusion(name: str, labels: list, counts: np.ndarray, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     k = len(labels)
     normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * k, 2 + 0.6 * k))
@@ -328,13 +283,13 @@ def _plot_confusion(name: str, labels: list, counts: np.ndarray, path: Path) -> 
 
 
 def _plot_fairness(group: str, heads: dict[str, Head], table: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(heads), figsize=(3.4 * len(heads), 3.4), squeeze=False)
     labels = [str(g["group"]) for g in table["groups"]]
     for ax, (name, head) in zip(axes[0], heads.items()):
         values = [g["metrics"][name] for g in table["groups"]]
         ax.bar(labels, [np.nan if v is None else v for v in values], color="#1f77b4")
-        ax.set_title(f"{name} {PRIMARY[head.kind][0]} by {group}", fontsize=9)
+        ax.set_title(f"{name} {head.primary} by {group}", fontsize=9)
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
