@@ -111,12 +111,12 @@ def _gradients(weights, base: dict[str, float] | None = None, scale=None):
     net(x)  # materialise the lazy head layers, then make them equal: same layer, opposite targets
     net.head_layers["down"].load_state_dict(net.head_layers["up"].state_dict())
     resolved = resolve(heads, None, weights if isinstance(weights, dict) else base)
-    balancer = balancing.create(weights, resolved)
+    balancer = balancing.create(weights, resolved, scale=scale)  # an fp16 grad scaler's scale, set once
     features = net.features(x)
     outputs = net.head_outputs(features)
     all_rows = torch.ones(len(x), dtype=torch.bool)
     losses = {h: resolved[h](outputs[h], targets[h], all_rows) for h in heads}
-    balancer.backward(losses, features if balancer.needs_features else None, scale)
+    balancer.backward(losses, features if balancer.needs_features else None)
     trunk = torch.cat([p.grad.flatten() for p in net.trunk.parameters()])
     head_grads = {
         h: torch.cat(
@@ -239,9 +239,9 @@ def test_gradnorm_sets_a_gradient_on_its_weights_only():
     assert grad is not None and grad.abs().sum() > 0
     assert grad[0] * grad[1] < 0  # one weight is pushed up, the other down
     assert layer_a.weight.grad is not None and features.grad is not None
-    scaled = GradNorm(resolve(heads))
+    scaled = GradNorm(resolve(heads), scale=lambda t: t * 256.0)
     losses = {"a": (layer_a(features) - 1).square().mean(), "b": 10 * layer_b(features).square().mean()}
-    scaled.backward(losses, features, lambda t: t * 256.0)
+    scaled.backward(losses, features)
     assert torch.allclose(scaled.task_weights.grad, 256.0 * grad)  # GradScaler will unscale it with the rest
 
 
@@ -263,8 +263,8 @@ def test_normalize_starts_every_head_near_one(monkeypatch):
     original = balancing.create
     monkeypatch.setattr(balancing, "create", lambda *a, **k: created.append(original(*a, **k)) or created[-1])
     torch.manual_seed(0)
-    # lr=0: the epoch's mean train loss is the untrained net's loss
-    result = mh.fit(mh.MultiHeadNet(_trunk(), heads), table, normalize=True, epochs=1, lr=0.0, **FIT)
+    # a vanishing lr (fit refuses 0): the epoch's mean train loss is the untrained net's loss
+    result = mh.fit(mh.MultiHeadNet(_trunk(), heads), table, normalize=True, epochs=1, lr=1e-12, **FIT)
     normalizers = created[0].normalizers
     raw = {h: result.history[f"train/{h}/loss"].iloc[0] for h in heads}
     scaled = {h: raw[h] / normalizers[h] for h in heads}
@@ -335,3 +335,42 @@ def test_dwa_buffer_is_restored_without_history():
     fresh = DWA(resolve(heads))
     fresh.load_state_dict(trained.state_dict())
     assert list(fresh.weights().values()) == pytest.approx(dwa_weights([0.5, 1.0], [1.0, 1.0]))
+
+
+# ---- precision ---------------------------------------------------------------------------------------------
+
+
+def test_precision_runs_autocast_backward_and_step():
+    from manyheads.precision import Precision
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Precision.create("fp8", "cpu")
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 2)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        amp = Precision.create(name, "cpu")
+        assert amp.scaler is None and amp.grad_scale is None  # no grad scaler off CUDA
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        before = layer.weight.detach().clone()
+        with amp.autocast():
+            out = layer(torch.randn(3, 4))
+        assert out.dtype == dtype
+        amp.backward(out.float().square().mean())
+        amp.step(opt)
+        assert not torch.equal(before, layer.weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp16 grad scaler is CUDA's")
+def test_fp16_on_cuda_gives_balancers_the_grad_scalers_scale():
+    from manyheads.precision import Precision
+
+    amp = Precision.create("fp16", "cuda")
+    assert amp.scaler is not None and amp.grad_scale is not None
+    balancer = balancing.create("gradnorm", resolve({"a": mh.Regression(), "b": mh.Regression()}), scale=amp.grad_scale)
+    assert balancer.scale == amp.scaler.scale
+    table = _table(64)
+    torch.manual_seed(0)
+    net = mh.MultiHeadNet(_trunk(), {"clean": mh.Regression(), "flag": mh.Binary()})
+    result = mh.fit(net, {k: table[k] for k in ["x", "clean", "flag"]}, weights="gradnorm", precision="fp16",
+                    device="cuda", epochs=2, **FIT)  # fmt: skip
+    assert np.isfinite(result.history["train/total/loss"]).all()

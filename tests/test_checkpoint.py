@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, kill-and-resume bit for bit, non-finite losses, and files that carry code."""
 
+import json
 import os
 import pickle
 import runpy
@@ -278,3 +279,26 @@ def test_unreadable_checkpoints_get_clear_errors(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         checkpoint.load(path)
+
+
+# ---- the options a resume must agree with ------------------------------------------------------
+
+
+def halved_mae(output, target):
+    return (output - target).abs() / 2
+
+
+def test_a_checkpoint_records_fits_options_and_a_resume_that_changes_one_is_refused(tmp_path):
+    run = tmp_path / "run"
+    settings = dict(batch_size=8, seed=0, progress=False, losses={"y": halved_mae}, weights={"c": 2.0})
+    mh.fit(small_net(), small_table(), epochs=1, lr=0.01, run_dir=run, **settings)
+    state = checkpoint.load(run / checkpoint.NAME)
+    assert set(state) == {"model", "optimizer", "scheduler", "balancer", "rng", "epoch", "step", "partial", "history",
+                          "seed", "best", "spec", "options"}  # fmt: skip
+    options = json.loads(state["options"])
+    assert options["losses"] == {"y": "halved_mae", "c": "bce"} and options["weights"] == {"c": 2.0}
+    assert (options["lr"], options["batch_size"], options["seed"], options["precision"]) == (0.01, 8, 0, "fp32")
+    assert options["heads"]["c"]["kind"] == "binary" and options["optimizer"] == "adamw" and options["epochs"] == 1
+    with pytest.raises(ValueError, match=r"trained with lr=0\.01; this call has lr=0\.02"):
+        mh.fit(small_net(), small_table(), epochs=2, lr=0.02, resume=run, **settings)
+    assert len(mh.fit(small_net(), small_table(), epochs=2, lr=0.01, resume=run, **settings).history) == 2

@@ -129,3 +129,20 @@ def test_torchrun_two_processes_train_like_one_process_with_double_batch(tmp_pat
     for step, partial in rank0["saves"]:
         if step > 0:  # a mid-epoch checkpoint holds both ranks' loss sums: step x 16 labelled rows per head
             assert partial["counts"].tolist() == [16.0 * step] * 2
+
+
+def test_rank_logic_lives_on_the_cluster(monkeypatch):
+    one = Cluster()
+    assert one.single and one.on_main(lambda a, b=0: a + b, 1, b=2) == 3
+    assert one.local_device("cuda") == torch.device("cuda")  # one process keeps the device it was given
+    assert one.any(torch.tensor([False, True])) and not one.any(torch.zeros(3, dtype=torch.bool))
+    second = Cluster(rank=1, world=2, local_rank=1)  # as torchrun's second process sees itself
+    assert not second.single and not second.is_main and second.on_main(pytest.fail, "rank 1 ran it") is None
+    assert second.local_device("cuda") == torch.device("cuda", 1) and second.local_device("cpu") == torch.device("cpu")
+    from manyheads import runs
+
+    for rank, main in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert Cluster.is_main_process() is main and runs.is_main() is main
+    monkeypatch.delenv("RANK")
+    assert Cluster.is_main_process() and runs.is_main()

@@ -75,10 +75,21 @@ def test_rows_missing_a_label_do_not_change_that_heads_gradient():
 
 
 def test_a_batch_without_labels_for_a_head_adds_nothing():
+    """Step 1's batch has no age label (found from the run's own permutation): training equals step 2 alone."""
+    from manyheads.encoding import Batches, Encoded
+
     table = make_table(n=128)
-    table["age"] = [None] * 64 + table["age"][64:]
-    result = mh.fit(make_net(), table, batch_size=64, epochs=1, seed=0, progress=False)
-    assert np.isfinite(result.history["train/total/loss"]).all()
+    order = Batches(Encoded(torch.zeros(128, 1), {}, {}), 64, torch.device("cpu"), seed=0).order(0).tolist()
+    first, second = order[:64], order[64:]
+    table["age"] = [None if i in set(first) else age for i, age in enumerate(table["age"])]
+    only = {"weights": {"gender": 0, "race": 0}, "optimizer": "sgd", "lr": 0.05, "augment": False, "progress": False}
+    both = make_net()
+    result = mh.fit(both, table, batch_size=64, epochs=1, seed=0, **only)
+    alone = make_net()
+    mh.fit(alone, {k: [v[i] for i in second] for k, v in table.items()}, batch_size=64, epochs=1, seed=0, **only)
+    assert result.history["train/age/labels"].iloc[0] == 64
+    for key, value in both.state_dict().items():
+        assert torch.allclose(value, alone.state_dict()[key], atol=1e-6), key
 
 
 def test_save_and_load_predict_identically(tmp_path, table):
@@ -133,9 +144,15 @@ def test_seeded_runs_are_reproducible(table):
 
 
 def test_best_epoch_net_is_returned(table):
-    result = mh.fit(make_net(), table, validation=0.25, **FAST)
-    best = result.history["val/total/loss"].idxmin() + 1
-    assert result.best_epoch == best
+    """A monitor that picks the worst (earliest) epoch: the returned net must score as that epoch did."""
+    from manyheads.encoding import split
+
+    train, held = split(table, 0.25, seed=1)
+    result = mh.fit(make_net(), train, validation=held, monitor={"val/age/mae": -1.0}, **FAST)
+    best = int(result.history["val/age/mae"].idxmax()) + 1
+    assert result.best_epoch == best and best < len(result.history)  # not the last epoch's weights
+    again = mh.evaluate(result.net, held)["age"]["mae"]
+    assert again == pytest.approx(result.history["val/age/mae"].iloc[best - 1], rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -148,7 +165,7 @@ def test_best_epoch_net_is_returned(table):
         (lambda t: {**t, "age": ["old"] + t["age"][1:]}, {}, "head 'age', column 'age', row 0: regression target"),
         (lambda t: t, {"losses": {"age": lambda o, t: o.sum(dim=0, keepdim=True).expand(3)}}, "returned shape"),
         (lambda t: {**t, "extra": t["x"]}, {}, "cannot tell the input column"),
-        (lambda t: t, {"optimizer": "lion"}, "unknown optimizer 'lion'"),
+        (lambda t: t, {"optimizer": "lion"}, r"The 'optimizer' parameter of fit must be one of .*; got 'lion'\."),
     ],
 )
 def test_bad_input_gets_a_clear_error(table, change, kwargs, message):
@@ -209,5 +226,5 @@ def test_ema_run_resumes_to_the_same_weights_and_refuses_a_mismatched_resume(tmp
 
 
 def test_ema_outside_zero_to_one_is_refused_before_training(table):
-    with pytest.raises(ValueError, match=r"ema must be a decay in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"The 'ema' parameter of fit must be a decay in \[0, 1\) or None; got 1\.5\."):
         mh.fit(make_net(), table, ema=1.5, progress=False)

@@ -5,13 +5,22 @@ torch Dataset yielding dicts (read once). One column holds the inputs (numeric a
 images); every head reads the column of its own name. Missing labels (None, NaN, pd.NA) mark
 rows that are not labelled for that head.
 
+:func:`prepare` is the whole stage as ``fit`` runs it: the user's data (and a validation set
+or fraction) in, encoded training and validation sets out; :class:`Batches` then serves one
+epoch of shuffled batches on the training device. Messages and skipped-row records name rows
+as the user's table does: by position, or by DataFrame index label when the index is not the
+default ``0..n-1``.
+
+    data = prepare(df, 0.15, heads, seed=0, image_size=224); batches = Batches(data.train, 64, device)
     table = columns_of(df); train, val = split(table, 0.15, seed=0)
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,15 +32,25 @@ from manyheads.heads import Head, Reason
 Table = dict[str, Any]
 
 
-def columns_of(data: Any, what: str = "train") -> Table:
-    """Normalise a dict of columns, a DataFrame or a Dataset of dicts into a dict of columns."""
+def _dataframe(data: Any) -> Any:
+    """``data`` if it is a pandas DataFrame, else None (pandas not needed for other tables)."""
     try:
         import pandas as pd
-
-        if isinstance(data, pd.DataFrame):
-            return {str(name): data[name].tolist() for name in data.columns}
     except ImportError:  # pragma: no cover
-        pass
+        return None
+    return data if isinstance(data, pd.DataFrame) else None
+
+
+def columns_of(data: Any, what: str = "train") -> Table:
+    """Normalise a dict of columns, a DataFrame or a Dataset of dicts into a dict of columns.
+
+    table = columns_of(df, "train")  # {"image": [...], "age": [...]}
+    """
+    if (df := _dataframe(data)) is not None:
+        duplicated = sorted({str(name) for name in df.columns[df.columns.duplicated()]})
+        if duplicated:
+            raise ValueError(f"{what}: the DataFrame has more than one column named {', '.join(map(repr, duplicated))}")
+        return {str(name): df[name].tolist() for name in df.columns}
     if isinstance(data, Mapping):
         table = {str(k): v for k, v in data.items()}
     elif isinstance(data, torch.utils.data.Dataset):
@@ -55,6 +74,45 @@ def n_rows(table: Table) -> int:
     return len(next(iter(table.values()))) if table else 0
 
 
+class IndexLabel:
+    """A row named by its DataFrame index label; prints as ``'p17' (index label)``, so "row 'p17' (index label)".
+
+    row = IndexLabel("p17"); f"row {row}"
+    """
+
+    __slots__ = ("label",)
+
+    def __init__(self, label: Any) -> None:
+        self.label = label.item() if isinstance(label, np.generic) else label  # numpy scalars: plain, JSON-able
+
+    def __str__(self) -> str:
+        return f"{self.label!r} (index label)"
+
+    __repr__ = __str__
+
+
+RowName = int | IndexLabel
+
+
+def row_names(data: Any) -> list[IndexLabel] | None:
+    """How messages name the rows of the user's data: index labels of a DataFrame whose index is
+    not the default ``0..n-1``; None when positions name them (dicts, Datasets, default indexes).
+
+    names = row_names(df.set_index("id"))  # [IndexLabel("a7"), ...]
+    """
+    df = _dataframe(data)
+    if df is None:
+        return None
+    import pandas as pd
+
+    return None if df.index.equals(pd.RangeIndex(len(df))) else [IndexLabel(label) for label in df.index]
+
+
+def _recorded(row: RowName) -> Any:
+    """A row name as a skipped-row record holds it: the index label itself, or the position."""
+    return row.label if isinstance(row, IndexLabel) else int(row)
+
+
 def take(table: Table, rows: np.ndarray | list[int]) -> Table:
     """The table restricted to ``rows`` (positions)."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -67,13 +125,33 @@ def take(table: Table, rows: np.ndarray | list[int]) -> Table:
     return out
 
 
+def held_out(n: int, fraction: float) -> int:
+    """How many of ``n`` rows a held-out ``fraction`` takes: at least one, none for fraction 0."""
+    return max(1, int(round(n * fraction))) if fraction else 0
+
+
+def seeded_parts(n: int, sizes: Sequence[int], seed: int | None = 0) -> list[np.ndarray]:
+    """Sorted row positions of consecutive parts of one seeded permutation of ``n`` rows.
+
+    The parts have the given ``sizes``, then one more part takes the rest. ``fit``'s validation
+    fraction and a run's test/validation split (``runs.Split``) both draw rows here.
+
+        test, validation, train = seeded_parts(100, [15, 10], seed=0)
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    bounds = np.cumsum([0, *sizes])
+    return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])] + [np.sort(order[bounds[-1] :])]
+
+
 def split_rows(n: int, fraction: float, seed: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random (kept, held-out) row positions of ``n`` rows, ``fraction`` held out; both sorted."""
+    """Seeded random (kept, held-out) row positions of ``n`` rows, ``fraction`` held out; both sorted.
+
+    kept, held = split_rows(100, 0.2, seed=0)
+    """
     if not 0 < fraction < 1:
         raise ValueError(f"a validation fraction must be between 0 and 1, got {fraction}")
-    order = np.random.default_rng(seed).permutation(n)
-    held = max(1, int(round(n * fraction)))
-    return np.sort(order[held:]), np.sort(order[:held])
+    held, kept = seeded_parts(n, [held_out(n, fraction)], seed)
+    return kept, held
 
 
 def split(table: Table, fraction: float, seed: int | None = 0) -> tuple[Table, Table]:
@@ -125,7 +203,7 @@ class Encoded:
         )
 
 
-def _numeric_inputs(column: Any, name: str, bad: dict[int, str] | None, row_numbers: Sequence[int]) -> torch.Tensor:
+def _numeric_inputs(column: Any, name: str, bad: dict[int, str] | None, row_numbers: Sequence[RowName]) -> torch.Tensor:
     try:
         if isinstance(column, torch.Tensor):
             inputs = column.float()
@@ -152,12 +230,15 @@ def encode(
     cache_dir: str | None = None,
     workers: int | None = None,
     progress: bool = False,
-    row_numbers: Sequence[int] | None = None,
+    row_numbers: Sequence[RowName] | None = None,
 ) -> Encoded:
     """Encode the input column and each head's targets; ``on_bad="skip"`` drops bad rows, listed.
 
     ``row_numbers[i]`` is the row that messages and ``Encoded.bad`` name for position ``i`` (the
-    row in the user's table when ``table`` is a part of it); by default the position itself.
+    row in the user's table when ``table`` is a part of it, or its :class:`IndexLabel`); by
+    default the position itself.
+
+        data = encode(table, heads, "image", image_size=224)
     """
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
@@ -195,7 +276,7 @@ def encode(
         images=is_images,
         bad=[
             {
-                "row": int(row_numbers[i]) if row_numbers is not None else i,
+                "row": _recorded(row_numbers[i]) if row_numbers is not None else i,
                 "kind": getattr(reason, "kind", "bad row"),
                 "reason": str(reason),
             }
@@ -218,6 +299,123 @@ def fits_on_device(*sets: Encoded | None, device: torch.device, share: float = 0
     return nbytes <= share * free
 
 
+@dataclass
+class Prepared:
+    """What :func:`prepare` returns: the encoded training and validation sets, and the rows it skipped.
+
+    ``bad`` lists skipped rows (``on_bad="skip"``) as ``{"row", "kind", "reason"}``, validation
+    rows with ``"split": "validation"``; ``input_column`` is the column the inputs came from.
+    """
+
+    train: Encoded
+    validation: Encoded | None
+    bad: list[dict]
+    input_column: str
+
+    def on(self, device: torch.device) -> Prepared:
+        """Both sets moved onto a GPU they fit on (a quarter of its free memory): no copies per step.
+
+        Elsewhere (the CPU, or sets too big) they stay where they are and batches are copied.
+
+            data = prepare(df, 0.1, heads).on(torch.device("cuda"))
+        """
+        if device.type != "cuda" or not fits_on_device(self.train, self.validation, device=device):
+            return self
+        validation = self.validation.to(device) if self.validation is not None else None
+        return replace(self, train=self.train.to(device), validation=validation)
+
+
+def _table(data: Any, what: str) -> tuple[Table, list[IndexLabel] | None]:
+    """The data's columns and row names (None: positions), refusing a table without rows."""
+    table = columns_of(data, what)
+    if n_rows(table) == 0:
+        raise ValueError(f"{what}: the data has 0 rows (columns {sorted(table)})")
+    return table, row_names(data)
+
+
+def _part(names: list[IndexLabel] | None, rows: np.ndarray) -> list[RowName]:
+    """The names of ``rows`` (positions in the user's table) of a part of it."""
+    return rows.tolist() if names is None else [names[i] for i in rows]
+
+
+def _warn_skipped(bad: list[dict]) -> None:
+    kinds = ", ".join(f"{kind}: {n}" for kind, n in Counter(b["kind"] for b in bad).most_common())
+    warnings.warn(
+        f"on_bad='skip': skipped {len(bad)} bad rows ({kinds}), e.g. {bad[0]['reason']}; result.skipped lists all",
+        stacklevel=4,  # fit's caller
+    )
+
+
+def _check_trainable(data: Encoded, heads: Mapping[str, Head], bad: list[dict], allow_unlabelled: bool, warn: bool):
+    """Refuse training data that cannot train: no rows, one row, or (unless allowed) a head without labels."""
+    after = " left after skipping bad rows" if bad else ""
+    if len(data) == 0:
+        raise ValueError("no training rows left after encoding")
+    if len(data) == 1:  # batch statistics (BatchNorm) need two rows, and one row trains nothing useful
+        raise ValueError(f"the training data has 1 row{after}; training needs at least 2")
+    unlabelled = [name for name in heads if not bool(data.labelled[name].any())]
+    if unlabelled and not allow_unlabelled:
+        raise ValueError(
+            f"head(s) {unlabelled} have no labelled row in the training data ({len(data)} rows{after}): "
+            f"nothing would train them and their loss would be NaN. Check the column(s), or pass "
+            f"allow_unlabelled_heads=True to train the other heads anyway"
+        )
+    if unlabelled and warn:
+        warnings.warn(
+            f"head(s) {unlabelled} have no labelled row in the training data: they do not train and their "
+            f"training loss is NaN (allow_unlabelled_heads=True)",
+            stacklevel=4,
+        )
+
+
+def prepare(
+    train: Any,
+    validation: Any,
+    heads: Mapping[str, Head],
+    *,
+    inputs: str | None = None,
+    seed: int | None = 0,
+    image_size: int | None = None,
+    on_bad: str = "error",
+    cache_dir: str | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    warn: bool = True,
+    allow_unlabelled_heads: bool = False,
+) -> Prepared:
+    """The data stage of ``fit``: the user's tables in, encoded training and validation sets out.
+
+    ``validation`` is a table, None, or a fraction of ``train`` held out by a seeded split.
+    Errors and skipped rows name the row of the table the user passed (position, or DataFrame
+    index label). Raises ValueError for tables without rows, duplicated DataFrame columns, a
+    training set left with fewer than 2 rows, or a head without any labelled training row
+    (``allow_unlabelled_heads=True`` trains the other heads, with a warning). ``warn``: warn
+    about skipped rows (rank 0 only, under torchrun).
+
+        data = prepare(df, 0.15, heads, seed=0, image_size=224, on_bad="skip")
+    """
+    table, names = _table(train, "train")
+    input_name = input_column(table, heads, inputs)
+    # train_names, val_names: how errors name the rows of the user's tables (None: by position)
+    if isinstance(validation, float):
+        kept, held = split_rows(n_rows(table), validation, seed)
+        table, val_table = take(table, kept), take(table, held)
+        train_names, val_names = _part(names, kept), _part(names, held)
+    else:
+        train_names = names
+        val_table, val_names = _table(validation, "validation") if validation is not None else (None, None)
+    encode_options = dict(image_size=image_size, on_bad=on_bad, cache_dir=cache_dir, workers=workers, progress=progress)
+    train_data = encode(table, heads, input_name, row_numbers=train_names, **encode_options)
+    val_data = None
+    if val_table is not None:
+        val_data = encode(val_table, heads, input_name, row_numbers=val_names, **encode_options)
+    bad = train_data.bad + ([{**b, "split": "validation"} for b in val_data.bad] if val_data else [])
+    if bad and warn:
+        _warn_skipped(bad)
+    _check_trainable(train_data, heads, bad, allow_unlabelled_heads, warn)
+    return Prepared(train_data, val_data, bad, input_name)
+
+
 class Batches:
     """Shuffled batches of an :class:`Encoded` set on the training device, one epoch per call.
 
@@ -226,6 +424,10 @@ class Batches:
     With ``shard=(rank, world)`` every rank takes every world-th row of the same permutation,
     so step ``s`` of all ranks together is exactly the batch of ``world * batch_size`` rows a
     single process would take (rows beyond an equal share are dropped, as DistributedSampler).
+    ``drop_single=True`` (training) drops a final batch of exactly one row, as ``drop_last``
+    would: BatchNorm cannot normalise one row.
+
+        batches = Batches(data, 64, device, seed=0); x, targets, labelled = next(batches.epoch(0))
     """
 
     def __init__(
@@ -239,15 +441,19 @@ class Batches:
         augment: Any = None,
         channels_last: bool = False,
         shard: tuple[int, int] = (0, 1),
+        drop_single: bool = False,
     ) -> None:
         self.data, self.batch_size, self.device = data, batch_size, device
         self.shuffle, self.seed, self.augment = shuffle, seed, augment
         self.channels_last, self.shard = channels_last, shard
         rank, world = shard
         self.rows_per_rank = len(data) // world if world > 1 else len(data)
+        self.steps = -(-self.rows_per_rank // batch_size)
+        if drop_single and self.rows_per_rank > 1 and self.rows_per_rank % batch_size == 1:
+            self.steps -= 1
 
     def __len__(self) -> int:
-        return -(-self.rows_per_rank // self.batch_size)
+        return self.steps
 
     def order(self, epoch: int) -> torch.Tensor:
         n = len(self.data)

@@ -1,20 +1,22 @@
 """The training loop, written once: it serves the API, the command line, comparisons and torchrun.
 
-Read top to bottom: resolve heads and data, encode, build optimizer and schedule, then for
-each epoch run the steps, evaluate, record history, select the best epoch, checkpoint.
+Read :func:`fit` top to bottom: set-up (data, objective, optimizer, precision, the resumable
+state), then for each epoch the steps (forward, loss, backward, step, record), the history
+row, model selection and a checkpoint. The pieces live where they belong: the data stage in
+:func:`manyheads.encoding.prepare`, autocast and the fp16 grad scaler in
+:class:`~manyheads.precision.Precision`, the per-epoch loss sums in
+:class:`~manyheads.metrics.EpochLosses`, the checkpoint in :class:`~manyheads.state.TrainingState`,
+and everything about ranks in :class:`~manyheads.distributed.Cluster`.
 
     result = mh.fit(net, df, losses={"age": "mae"}, weights={"gender": 5}, epochs=10)
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import random
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,34 +25,21 @@ import torch
 from torch import nn
 
 from manyheads import balancing, checkpoint, encoding
+from manyheads import validation as validation_rules  # fit's own `validation` is the validation data
 from manyheads.allocator import keep_freed_memory
 from manyheads.distributed import Cluster
-from manyheads.encoding import fits_on_device
 from manyheads.heads import Head
 from manyheads.images import Augment
 from manyheads.inference import score
 from manyheads.losses import fit_to_data, resolve, trivial_losses
-from manyheads.metrics import EpochOutputs
+from manyheads.metrics import EpochLosses, EpochOutputs
 from manyheads.net import MultiHeadNet
 from manyheads.optim import WeightAverage, build_optimizer
 from manyheads.optim import schedule as lr_schedule
-from manyheads.precision import PRECISIONS
+from manyheads.precision import Precision
 from manyheads.result import TrainResult
 from manyheads.selection import Selector
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _wrap_net(net: nn.Module, heads: Mapping[str, Head] | None) -> MultiHeadNet:
-    if isinstance(net, MultiHeadNet):
-        if heads is not None and set(heads) != set(net.heads):
-            raise ValueError(f"heads= {sorted(heads)} do not match the net's heads {sorted(net.heads)}")
-        return net
-    if not heads:
-        raise ValueError("a plain nn.Module needs heads={name: mh.Regression(), ...} naming its outputs")
-    return MultiHeadNet(net, heads, outputs_dict=True)
+from manyheads.state import TrainingState
 
 
 def fit(
@@ -93,6 +82,7 @@ def fit(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     callbacks: list[Callable[[dict], Any]] | None = None,
+    allow_unlabelled_heads: bool = False,
 ) -> TrainResult:
     """Train every head of ``net`` jointly on ``train`` and return a :class:`TrainResult`.
 
@@ -102,12 +92,16 @@ def fit(
         net: a :class:`MultiHeadNet`, or any module returning a dict of outputs, with ``heads=``.
         train, validation: a dict of columns, a DataFrame or a Dataset of dicts; ``validation``
             may be a fraction of ``train`` (a seeded split). Rows missing a head's label (None,
-            NaN, pd.NA) still train the other heads.
+            NaN, pd.NA) still train the other heads. Errors and ``result.skipped`` name rows of
+            the table passed in: by position, or by index label for a DataFrame whose index is
+            not the default ``0..n-1``.
         inputs: the input column (default: the one column that is not a head).
         image_size, augment, cache_dir, workers: image columns are decoded once into a uint8
             cache (on disk under ``cache_dir``), then augmented (``augment=True`` or an
             :class:`~manyheads.images.Augment`) and normalised on the device.
         on_bad: ``"error"`` stops at a bad image or label naming it; ``"skip"`` drops and lists it.
+        allow_unlabelled_heads: a head without a single labelled training row is refused (a
+            ValueError naming it); True trains the other heads, with a warning (its loss is NaN).
 
     Objective:
         losses: per head, a registered name, a torch loss module or a callable ``(output, target)``.
@@ -122,6 +116,8 @@ def fit(
         ``"onecycle"`` with ``warmup`` as the rising fraction and momentum cycled 0.95-0.85-0.95 as
         torch's ``OneCycleLR`` does, or None), precision (``"fp32"``, ``"bf16"``, ``"fp16"``),
         channels_last (None: on for named backbones), compile, device, seed.
+        A final training batch of exactly one row is dropped each epoch (as ``drop_last`` would,
+        for that case only): BatchNorm cannot normalise one row. Training data of one row is refused.
         ema: keep an exponential moving average of the weights with this decay per step (e.g.
             0.999); validation, selection and the returned net then use the average.
 
@@ -131,308 +127,326 @@ def fit(
             keep_best_per_head: also keep each head's best weights (``result.net_for(head)``).
         train_metrics: per-head metrics on training batches too; progress: a bar per epoch.
         run_dir: write model, history, curves and checkpoints there (``checkpoint_every`` steps
-            too); resume: continue the run in that folder where it stopped.
+            too); resume: continue the run in that folder where it stopped (refused when an
+            option that matters differs from the run's, see :func:`manyheads.validation.check_resume`).
         callbacks: called with each epoch's history row; returning False stops training.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if on_nonfinite not in ("error", "skip"):
-        raise ValueError(f"on_nonfinite must be 'error' or 'skip', got {on_nonfinite!r}")
-    if ema is not None and not 0 <= ema < 1:
-        raise ValueError(f"ema must be a decay in [0, 1), e.g. 0.999, got {ema}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    given = dict(locals())  # the arguments as passed: checked before any work, recorded in checkpoints
+    validation_rules.check_fit_options(**given)
     net = _wrap_net(net, heads)
-    heads = net.heads
+    heads, names = net.heads, list(net.heads)
     # losses and weights are checked before any (possibly long) image decoding
     resolved = resolve(heads, losses, weights if isinstance(weights, Mapping) else None)
-    device = torch.device(device) if device is not None else _default_device()
-    cluster = Cluster.from_env(device)
-    if cluster.world > 1 and device.type == "cuda":
-        device = torch.device("cuda", cluster.local_rank)
-    if device.type == "cpu":
-        keep_freed_memory()  # activations are reused, not unmapped and faulted in again every step
-    state = None
-    if resume is not None:  # read first: the run's own seed decides the split and the batches
-        run_dir = Path(resume)
-        state = checkpoint.load(run_dir / checkpoint.NAME)
-        if seed is not None and state.get("seed", seed) != seed:
-            warnings.warn(f"resume: continuing with the run's seed {state['seed']}, not seed={seed}", stacklevel=2)
-        seed = state.get("seed", seed)
-    if seed is None:
-        seed = cluster.agree(random.randrange(2**31))  # ranks must share the seed, or their shards overlap
+    device, cluster = _join(device)
+    saved, run_dir, seed = _resume_point(resume, run_dir, seed, cluster)
     torch.manual_seed(seed)
 
-    # ---- data: table -> encoded tensors -> batches on the device -------------------------
-    table = encoding.columns_of(train, "train")
-    input_name = encoding.input_column(table, heads, inputs)
-    train_rows = val_rows = None  # positions in the user's table, which errors name
-    if isinstance(validation, float):
-        train_rows, val_rows = encoding.split_rows(encoding.n_rows(table), validation, seed)
-        table, val_table = encoding.take(table, train_rows), encoding.take(table, val_rows)
-    else:
-        val_table = None if validation is None else encoding.columns_of(validation, "validation")
+    # ---- data: table -> encoded tensors, on the device when they fit -----------------------
     image_size = image_size or net.image_size
-    encode = dict(
-        image_size=image_size,
-        on_bad=on_bad,
-        cache_dir=cache_dir,
-        workers=workers,
-        progress=progress and cluster.is_main,
-    )
-    train_data = encoding.encode(table, heads, input_name, row_numbers=train_rows, **encode)
-    val_data = None
-    if val_table is not None:
-        val_data = encoding.encode(val_table, heads, input_name, row_numbers=val_rows, **encode)
-    bad = train_data.bad + ([{**b, "split": "validation"} for b in val_data.bad] if val_data else [])
-    if bad and cluster.is_main:
-        kinds = ", ".join(f"{kind}: {n}" for kind, n in Counter(b["kind"] for b in bad).most_common())
-        warnings.warn(
-            f"on_bad='skip': skipped {len(bad)} bad rows ({kinds}), e.g. {bad[0]['reason']}; result.skipped lists all",
-            stacklevel=2,
-        )
-    if len(train_data) == 0:
-        raise ValueError("no training rows left after encoding")
-    if train_data.images and net.image_size is None:
-        net.image_size = image_size
-    net.to(device)
-    if any(isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in net.modules()):
-        with torch.no_grad():  # materialise lazy head layers with one dry batch
-            was = net.training
-            net.eval()
-            probe = next(encoding.Batches(train_data, 2, device, shuffle=False).epoch(0))[0]
-            net(probe)
-            net.train(was)
-    if device.type == "cuda" and fits_on_device(train_data, val_data, device=device):
-        train_data = train_data.to(device)  # the whole set lives on the GPU: no copies per step
-        val_data = val_data.to(device) if val_data is not None else None
-    if isinstance(augment, bool):
-        augment = Augment() if augment else None
+    data = encoding.prepare(
+        train, validation, heads, inputs=inputs, seed=seed, image_size=image_size, on_bad=on_bad,
+        cache_dir=cache_dir, workers=workers, progress=progress and cluster.is_main, warn=cluster.is_main,
+        allow_unlabelled_heads=allow_unlabelled_heads,
+    )  # fmt: skip
+    _ready_net(net, data.train, device, image_size)
+    data = data.on(device)
 
-    # ---- objective ---------------------------------------------------------------------
-    targets, labelled = train_data.targets, train_data.labelled
-    fit_to_data(resolved, targets, labelled, net.fit_target_scales(targets, labelled))
-    normalizers = trivial_losses(resolved, targets, labelled) if normalize else None
-    balancer = balancing.create(weights, resolved, normalizers).to(device)
-
-    # ---- optimizer and schedule -----------------------------------------------------------
+    # ---- objective, optimizer, schedule, precision -------------------------------------------
+    amp = Precision.create(precision, device)
+    balancer = _balancer(weights, resolved, data.train, net, normalize, amp).to(device)
     opt, trunk_params = build_optimizer(
         net, optimizer, lr=lr, trunk_lr=trunk_lr, weight_decay=weight_decay, extra=list(balancer.parameters())
     )
-    if channels_last is None:  # named conv backbones run about 2x faster channels-last, on CPU and GPU alike
-        channels_last = net.backbone is not None and train_data.images
+    channels_last = _channels_last(channels_last, net, data.train)
     batches = encoding.Batches(
-        train_data, batch_size, device, seed=seed, augment=augment, channels_last=channels_last,
-        shard=(cluster.rank, cluster.world),
+        data.train, batch_size, device, seed=seed, augment=_augment(augment), channels_last=channels_last,
+        shard=(cluster.rank, cluster.world), drop_single=True,
     )  # fmt: skip
-    total_steps = epochs * len(batches)
-    scheduler = lr_schedule(opt, schedule, total_steps, warmup)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
-    autocast = (
-        torch.autocast(device.type, dtype=PRECISIONS[precision]) if PRECISIONS[precision] else contextlib.nullcontext()
-    )
+    scheduler = lr_schedule(opt, schedule, epochs * len(batches), warmup)
     if channels_last:
         net.to(memory_format=torch.channels_last)
     average = WeightAverage(net, ema) if ema is not None else None
     scored = average.module if average is not None else net  # what validation and selection see
-    model = cluster.wrap(net)
-    step_model = torch.compile(model) if compile else model
-    selector = Selector(monitor, val_data is not None, heads=heads, per_head=keep_best_per_head)
+    forward = _forward_pass(net, cluster.wrap(net), compile, balancer.needs_features and cluster.single)
+    selector = Selector(monitor, data.validation is not None, heads=heads, per_head=keep_best_per_head)
 
-    # ---- state, possibly resumed -----------------------------------------------------------
-    names = list(heads)
-    rows: list[dict] = []
-    start_epoch, start_step, partial = 0, 0, None
-    run_dir = Path(run_dir) if run_dir is not None else None
-    if state is not None:
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        balancer.load_state_dict(state["balancer"])
-        if (average is not None) != ("average" in state):
-            raise ValueError(
-                f"resume: the run in {run_dir} was started {'with' if 'average' in state else 'without'} "
-                f"a weight average (ema=); resume it with the same ema= it was started with"
-            )
-        if average is not None:
-            average.load_state_dict(state["average"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
-        rows = json.loads(state["history"])
-        selector.load_state_dict(state["best"])
-        start_epoch, start_step = state["epoch"], state["step"]
-        partial = state["partial"]
-
-    def save_checkpoint(epoch: int, step: int, sums: torch.Tensor, counts: torch.Tensor, nonfinite: int = 0) -> None:
-        if run_dir is None or not cluster.is_main:
-            return
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        checkpoint.save(
-            run_dir / checkpoint.NAME,
-            {
-                "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
-                "balancer": balancer.state_dict(), "rng": rng, "epoch": epoch, "step": step,
-                "partial": {"sums": sums.cpu(), "counts": counts.cpu(), "nonfinite": nonfinite},
-                "history": json.dumps(rows), "seed": seed,
-                "best": selector.state_dict(),
-                **({"average": average.state_dict()} if average is not None else {}),
-                "spec": json.dumps(net.spec()),
-            },
-        )  # fmt: skip
+    # ---- the resumable state: fresh, or where the run in run_dir stopped ----------------------
+    options = validation_rules.options_record(
+        **{name: given[name] for name in RECORDED}, image_size=image_size, inputs=data.input_column, seed=seed,
+        heads={n: h.spec() for n, h in heads.items()}, losses={n: loss.name for n, loss in resolved.items()},
+        validation=_fraction_or_table(validation),
+    )  # fmt: skip
+    state = TrainingState(net, opt, scheduler, balancer, selector, seed, average, options=options, device=device)
+    if saved is not None:
+        state.restore(saved, where=run_dir)  # refuses a resume whose options differ (validation.check_resume)
+    path = run_dir / checkpoint.NAME if run_dir is not None else None
 
     # ---- the loop ---------------------------------------------------------------------------
-    stop = False
-    for epoch in range(start_epoch, epochs):
+    first, partial = state.step, state.partial  # a resumed run starts mid-epoch: at this step, with these sums
+    for epoch in range(state.epoch, epochs):
         t0 = time.perf_counter()
-        frozen = epoch < freeze_trunk_epochs and bool(trunk_params)
-        for p in trunk_params:
-            p.requires_grad_(not frozen)
-        net.train()
-        if frozen:
-            net.trunk.eval()  # keep pretrained normalisation statistics while the trunk is frozen
-        balancer.start_epoch(epoch, [{n: r[f"train/{n}/loss"] for n in names} for r in rows])
-        sums = torch.zeros(len(names), device=device)
-        counts = torch.zeros(len(names), device=device)
-        first = start_step if epoch == start_epoch else 0
-        resumed = partial is not None and epoch == start_epoch
-        if resumed and cluster.is_main:  # saved summed over ranks: add them once
-            sums += partial["sums"].to(device)
-            counts += partial["counts"].to(device)
-        nonfinite_skipped = int(partial.get("nonfinite", 0)) if resumed else 0
+        _start_epoch(state, epoch, trunk_params, frozen=epoch < freeze_trunk_epochs)
+        tally = EpochLosses(names, device, epoch=epoch, steps=len(batches), partial=partial, main=cluster.is_main)
         seen = EpochOutputs(batches.rows_per_rank)
-        bar = _progress(len(batches), first, epoch, epochs, progress and cluster.is_main)
-        last_refresh = time.perf_counter()
-        bad_step = torch.full((), -1, device=device, dtype=torch.long)
-        bad_heads = torch.zeros(len(names), device=device, dtype=torch.bool)  # which heads at bad_step
+        bar = _Bar(len(batches), first, epoch, epochs, progress and cluster.is_main)
         for step, (x, targets, labelled) in enumerate(batches.epoch(epoch, first), start=first):
-            features = None
-            with autocast:
-                if balancer.needs_features and cluster.world == 1 and not net.outputs_dict:
-                    features = net.features(x)
-                    outputs = net.head_outputs(features)
-                else:
-                    outputs = step_model(x)
+            with amp.autocast():
+                outputs, features = forward(x)
                 head_losses = {n: resolved[n](outputs[n], targets[n], labelled[n]) for n in names}
-            stacked = torch.stack([head_losses[n] for n in names]).detach().float()
+            values = tally.stack(head_losses)
             # one host sync per step, the price of skipping; summed so that all ranks skip alike
-            if on_nonfinite == "skip" and bool(cluster.sum((~torch.isfinite(stacked)).sum()) > 0):
-                nonfinite_skipped += 1
+            if on_nonfinite == "skip" and cluster.any(~torch.isfinite(values)):
+                tally.skipped += 1
                 continue
             opt.zero_grad(set_to_none=True)
-            balancer.backward(head_losses, features, scaler.scale if scaler else None)
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            scheduler.step()
-            if average is not None:
-                average.update_parameters(net)
-            n_labelled = torch.stack([labelled[n] for n in names]).sum(dim=1)
-            sums += stacked * n_labelled
-            counts += n_labelled
-            finite = torch.isfinite(stacked)
-            first_bad = (bad_step < 0) & ~finite.all()
-            bad_heads = torch.where(first_bad, ~finite, bad_heads)
-            bad_step = torch.where(first_bad, step, bad_step)
+            balancer.backward(head_losses, features)
+            state.advance(amp)  # optimizer (through the grad scaler under fp16), schedule, weight average
+            tally.add(step, values, labelled)
             if train_metrics:
                 seen.add(outputs, targets, labelled)
-            if bar is not None and time.perf_counter() - last_refresh > 0.5:
-                last_refresh = time.perf_counter()
-                _check_finite(bad_step, bad_heads, names, epoch, len(batches))
-                bar.set_postfix({n: f"{v:.3g}" for n, v in zip(names, (sums / counts.clamp(min=1)).tolist())})
-            if bar is not None:
-                bar.update(1)
-            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < len(batches):
-                totals = cluster.sum(torch.stack([sums, counts]))  # the checkpoint holds all ranks' sums
-                _check_finite(bad_step, bad_heads, names, epoch, len(batches), totals[0])
-                save_checkpoint(epoch, step + 1, totals[0], totals[1], nonfinite_skipped)
-        if bar is not None:
-            bar.close()
-        cluster.sum(sums)
-        cluster.sum(counts)
-        _check_finite(bad_step, bad_heads, names, epoch, len(batches), sums)
+            bar.update(tally)
+            if _checkpoint_due(step, checkpoint_every, len(batches)):
+                totals = tally.partial(cluster.sum)  # every rank: the checkpoint holds all ranks' sums
+                cluster.on_main(state.save, path, epoch=epoch, step=step + 1, partial=totals)
+        bar.close()
+        tally.finish(cluster.sum)
 
         # ---- epoch end: history row, model selection, checkpoint ----------------------------
-        row: dict[str, Any] = {"epoch": epoch + 1}
-        total = 0.0
         current = balancer.weights()
-        for i, n in enumerate(names):
-            loss_value = float(sums[i] / counts[i]) if counts[i] > 0 else float("nan")
-            row[f"train/{n}/loss"] = loss_value
-            row[f"train/{n}/labels"] = int(counts[i])
-            total += current[n] * (0.0 if math.isnan(loss_value) else loss_value)
-            if seen:  # over all ranks' rows (every rank holds as many)
-                out, target, mask = seen[n]
-                mask = cluster.gather(mask.to(torch.uint8)).bool()
-                out = cluster.gather(out.float())[mask]
-                for key, value in heads[n].metrics(out, cluster.gather(target)[mask]).items():
-                    row[f"train/{n}/{key}"] = value
-        row["train/total/loss"] = total
-        if val_data is not None:
-            batch = max(batch_size, 256)
-            row.update(score(scored, val_data, resolved, current, batch_size=batch, autocast=autocast))
-        for n in names:
-            row[f"weight/{n}"] = current[n]
-        row["lr"] = scheduler.get_last_lr()[-1]
-        row["seconds"] = time.perf_counter() - t0
-        if on_nonfinite == "skip":
-            row["skipped_nonfinite"] = nonfinite_skipped
-        rows.append(row)
+        row = {"epoch": epoch + 1, **_train_columns(tally, seen, heads, current, cluster)}
+        row |= _validation_columns(scored, data.validation, resolved, current, batch_size, amp)
+        row |= _epoch_columns(current, scheduler, t0, tally.skipped if on_nonfinite == "skip" else None)
+        state.rows.append(row)
         selector.update(row, scored)
-        if progress and cluster.is_main:
-            print(_summary(row, names), flush=True)
-        for callback in callbacks or []:
-            if callback(row) is False:
-                stop = True
-        stop = stop or selector.should_stop(epoch + 1, patience)
-        save_checkpoint(epoch + 1, 0, torch.zeros_like(sums), torch.zeros_like(counts))
+        if progress:
+            cluster.on_main(print, _summary(row, names), flush=True)
+        stop = _callbacks_stop(callbacks, row) or selector.should_stop(epoch + 1, patience)
+        cluster.on_main(state.save, path, epoch=epoch + 1, step=0, partial=tally.cleared())
         if stop:
             break
+        first, partial = 0, None
 
-    if selector.state is not None or average is not None:
+    return _finish(state, scored, resolved, data.bad, cluster, run_dir)
+
+
+# ---- set-up ----------------------------------------------------------------------------------
+
+# fit's options a checkpoint records as given (with the resolved image_size, inputs, seed, heads,
+# loss names and validation fraction); a resume that changes one that matters is refused
+RECORDED = (
+    "weights", "normalize", "epochs", "batch_size", "lr", "trunk_lr", "weight_decay", "optimizer", "schedule",
+    "warmup", "freeze_trunk_epochs", "ema", "augment", "precision", "on_bad", "on_nonfinite", "monitor", "patience",
+    "keep_best_per_head",
+)  # fmt: skip
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _wrap_net(net: nn.Module, heads: Mapping[str, Head] | None) -> MultiHeadNet:
+    if isinstance(net, MultiHeadNet):
+        if heads is not None and set(heads) != set(net.heads):
+            raise ValueError(f"heads= {sorted(heads)} do not match the net's heads {sorted(net.heads)}")
+        return net
+    if not heads:
+        raise ValueError("a plain nn.Module needs heads={name: mh.Regression(), ...} naming its outputs")
+    return MultiHeadNet(net, heads, outputs_dict=True)
+
+
+def _join(device: str | torch.device | None) -> tuple[torch.device, Cluster]:
+    """The training device and the processes training together (torchrun's, or this one alone)."""
+    device = torch.device(device) if device is not None else _default_device()
+    cluster = Cluster.from_env(device)
+    device = cluster.local_device(device)
+    if device.type == "cpu":
+        keep_freed_memory()  # activations are reused, not unmapped and faulted in again every step
+    return device, cluster
+
+
+def _resume_point(
+    resume: str | Path | None, run_dir: str | Path | None, seed: int | None, cluster: Cluster
+) -> tuple[dict | None, Path | None, int]:
+    """(the checkpoint to resume from or None, the run folder, the seed); read first: the run's seed decides
+    the split and the batches. Without a seed every rank takes rank 0's random one."""
+    saved = None
+    if resume is not None:
+        run_dir = resume
+        saved = checkpoint.load(Path(resume) / checkpoint.NAME)
+        if seed is not None and saved.get("seed", seed) != seed:
+            warnings.warn(f"resume: continuing with the run's seed {saved['seed']}, not seed={seed}", stacklevel=3)
+        seed = saved.get("seed", seed)
+    if seed is None:
+        seed = cluster.agree(random.randrange(2**31))  # ranks must share the seed, or their shards overlap
+    return saved, Path(run_dir) if run_dir is not None else None, seed
+
+
+def _ready_net(net: MultiHeadNet, data: encoding.Encoded, device: torch.device, image_size: int | None) -> None:
+    """Move the net to the device, record its image size, and materialise lazy head layers with one dry batch."""
+    if data.images and net.image_size is None:
+        net.image_size = image_size
+    net.to(device)
+    if any(isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in net.modules()):
+        with torch.no_grad():
+            was = net.training
+            net.eval()
+            probe = next(encoding.Batches(data, 2, device, shuffle=False).epoch(0))[0]
+            net(probe)
+            net.train(was)
+
+
+def _balancer(weights: Any, resolved, data: encoding.Encoded, net: MultiHeadNet, normalize: bool, amp: Precision):
+    """The losses fitted to the training targets (regression scales, class weights), combined by a balancer."""
+    targets, labelled = data.targets, data.labelled
+    fit_to_data(resolved, targets, labelled, net.fit_target_scales(targets, labelled))
+    normalizers = trivial_losses(resolved, targets, labelled) if normalize else None
+    return balancing.create(weights, resolved, normalizers, scale=amp.grad_scale)
+
+
+def _channels_last(channels_last: bool | None, net: MultiHeadNet, data: encoding.Encoded) -> bool:
+    # named conv backbones run about 2x faster channels-last, on CPU and GPU alike
+    return bool(net.backbone is not None and data.images) if channels_last is None else channels_last
+
+
+def _augment(augment: Augment | bool | None) -> Augment | None:
+    if isinstance(augment, bool):
+        return Augment() if augment else None
+    return augment
+
+
+def _fraction_or_table(validation: Any) -> float | str | None:
+    """What the options record says of ``validation``: its fraction, "table", or None."""
+    return validation if validation is None or isinstance(validation, float) else "table"
+
+
+def _forward_pass(
+    net: MultiHeadNet, model: nn.Module, compiled: bool, features_too: bool
+) -> Callable[[torch.Tensor], tuple[dict, torch.Tensor | None]]:
+    """The step's forward pass ``x -> (outputs, features)``.
+
+    Balancers that take gradients themselves need the trunk's shared features; only a
+    MultiHeadNet whose trunk returns features, in one process, has them (else features are None).
+    """
+    if features_too and not net.outputs_dict:
+
+        def with_features(x: torch.Tensor) -> tuple[dict, torch.Tensor]:
+            features = net.features(x)
+            return net.head_outputs(features), features
+
+        return with_features
+    step_model = torch.compile(model) if compiled else model
+    return lambda x: (step_model(x), None)
+
+
+# ---- the loop's pieces -------------------------------------------------------------------
+
+
+def _start_epoch(state: TrainingState, epoch: int, trunk_params: list[nn.Parameter], frozen: bool) -> None:
+    """Freeze or thaw the trunk, put the net in training mode and tell the balancer the past epochs' losses."""
+    net = state.net
+    frozen = frozen and bool(trunk_params)
+    for p in trunk_params:
+        p.requires_grad_(not frozen)
+    net.train()
+    if frozen:
+        net.trunk.eval()  # keep pretrained normalisation statistics while the trunk is frozen
+    names = list(net.heads)
+    state.balancer.start_epoch(epoch, [{n: r[f"train/{n}/loss"] for n in names} for r in state.rows])
+
+
+def _checkpoint_due(step: int, every: int | None, steps: int) -> bool:
+    """Whether a mid-epoch checkpoint follows this step (the epoch's end writes its own)."""
+    return bool(every) and (step + 1) % every == 0 and step + 1 < steps
+
+
+class _Bar:
+    """An epoch's progress bar with the running mean losses (rank 0, ``progress=True``; else it does nothing).
+
+    Twice a second it refreshes, reading the losses back: also when a NaN is noticed early.
+    """
+
+    def __init__(self, total: int, initial: int, epoch: int, epochs: int, enabled: bool) -> None:
+        self.bar = _progress(total, initial, epoch, epochs, enabled)
+        self.last_refresh = time.perf_counter()
+
+    def update(self, tally: EpochLosses) -> None:
+        if self.bar is None:
+            return
+        if time.perf_counter() - self.last_refresh > 0.5:
+            self.last_refresh = time.perf_counter()
+            tally.check()
+            self.bar.set_postfix({n: f"{v:.3g}" for n, v in zip(tally.names, tally.means())})
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _train_columns(
+    tally: EpochLosses, seen: EpochOutputs, heads: Mapping[str, Head], current: Mapping[str, float], cluster: Cluster
+) -> dict[str, Any]:
+    """The history's train/<head>/... columns and the weighted train/total/loss."""
+    row: dict[str, Any] = {}
+    total = 0.0
+    for i, (n, head) in enumerate(heads.items()):
+        loss_value = tally.loss(i)
+        row[f"train/{n}/loss"] = loss_value
+        row[f"train/{n}/labels"] = tally.labels(i)
+        total += current[n] * (0.0 if math.isnan(loss_value) else loss_value)  # a head without labels adds 0
+        if seen:  # over all ranks' rows (every rank holds as many)
+            out, target, mask = seen[n]
+            mask = cluster.gather(mask.to(torch.uint8)).bool()
+            out = cluster.gather(out.float())[mask]
+            for key, value in head.metrics(out, cluster.gather(target)[mask]).items():
+                row[f"train/{n}/{key}"] = value
+    row["train/total/loss"] = total
+    return row
+
+
+def _validation_columns(
+    scored: nn.Module, data: encoding.Encoded | None, resolved, current: Mapping[str, float], batch_size: int, amp
+) -> dict[str, float]:
+    """The history's val/... columns (none without validation data), computed as evaluation computes them."""
+    if data is None:
+        return {}
+    return score(scored, data, resolved, current, batch_size=max(batch_size, 256), autocast=amp.autocast())
+
+
+def _epoch_columns(current: Mapping[str, float], scheduler, t0: float, skipped: int | None) -> dict[str, Any]:
+    """weight/<head>, lr, seconds, and skipped_nonfinite (with ``on_nonfinite="skip"``)."""
+    row: dict[str, Any] = {f"weight/{n}": w for n, w in current.items()}
+    row["lr"] = scheduler.get_last_lr()[-1]
+    row["seconds"] = time.perf_counter() - t0
+    if skipped is not None:
+        row["skipped_nonfinite"] = skipped
+    return row
+
+
+def _callbacks_stop(callbacks: list[Callable[[dict], Any]] | None, row: dict) -> bool:
+    """Call every callback with the row; True if any returned False."""
+    said = [callback(row) for callback in callbacks or []]  # a list, not any(...): every callback is called
+    return any(answer is False for answer in said)
+
+
+def _finish(
+    state: TrainingState, scored: nn.Module, resolved, bad: list[dict], cluster: Cluster, run_dir: Path | None
+) -> TrainResult:
+    """The net at its best epoch (or the average), the result, and the run folder written (rank 0)."""
+    net, selector = state.net, state.selector
+    if selector.state is not None or state.average is not None:
         net.load_state_dict(selector.state if selector.state is not None else scored.state_dict())
-    if cluster.world > 1:
-        cluster.barrier()
+    cluster.barrier()
     import pandas as pd
 
-    history = pd.DataFrame(rows)
     result = TrainResult(
-        net=net.eval(), history=history, losses=resolved, best_epoch=selector.epoch, monitor=selector.name,
-        skipped=bad, seed=seed, best_per_head={h: {"epoch": b["epoch"], "state": b["state"]}
-                                               for h, b in selector.head_best.items()},
+        net=net.eval(), history=pd.DataFrame(state.rows), losses=resolved, best_epoch=selector.epoch,
+        monitor=selector.name, skipped=bad, seed=state.seed,
+        best_per_head={h: {"epoch": b["epoch"], "state": b["state"]} for h, b in selector.head_best.items()},
     )  # fmt: skip
-    if run_dir is not None and cluster.is_main:
-        result.write(run_dir)
+    if run_dir is not None:
+        cluster.on_main(result.write, run_dir)
     return result
-
-
-def _check_finite(
-    bad_step: torch.Tensor,
-    bad_heads: torch.Tensor,
-    names: list[str],
-    epoch: int,
-    steps: int,
-    sums: torch.Tensor | None = None,
-) -> None:
-    """Raise if a step of this epoch had a NaN/inf loss here, or on another rank (its ``sums`` over all ranks).
-
-    Checked lazily, one host sync per check; ``bad_heads`` are the heads at the first bad step.
-    """
-    step = int(bad_step)
-    where = f"step {step + 1} of {steps}"
-    if step < 0:
-        if sums is None or bool(torch.isfinite(sums).all()):
-            return
-        bad_heads, where = ~torch.isfinite(sums), "a step of another process"
-    which = [n for n, bad in zip(names, bad_heads.tolist()) if bad] or names
-    raise FloatingPointError(
-        f"non-finite loss for head(s) {which} at epoch {epoch + 1}, {where}; the last checkpoint is kept. "
-        f"Lower the learning rate, check the targets, or pass on_nonfinite='skip'."
-    )
 
 
 def _progress(total: int, initial: int, epoch: int, epochs: int, enabled: bool):

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
-from manyheads.balancing.base import Balancer
+from manyheads.balancing.base import Balancer, Scale
 from manyheads.balancing.dwa import DWA, dwa_weights
 from manyheads.balancing.gradnorm import GradNorm
 from manyheads.balancing.jacobian import AGGREGATORS, Jacobian, build_aggregator
@@ -56,24 +56,31 @@ def create(
     weights: Mapping[str, float] | str | Any | None,
     losses: ResolvedLosses,
     normalizers: Mapping[str, float] | None = None,
+    *,
+    scale: Scale = None,
 ) -> Balancer:
-    """A balancer for ``weights``: constants (already in ``losses``), a strategy name, or an aggregator."""
+    """A balancer for ``weights``: constants (already in ``losses``), a strategy name, or an aggregator.
+
+    ``scale`` is the fp16 grad scaler's ``scale`` (``Precision.grad_scale``), or None.
+
+        balancer = create("gradnorm", losses, scale=precision.grad_scale)
+    """
     if weights is None or isinstance(weights, Mapping):
-        return Balancer(losses, normalizers)
+        return Balancer(losses, normalizers, scale=scale)
     if _is_aggregator(weights):
-        return Jacobian(losses, normalizers, aggregator=weights)
+        return Jacobian(losses, normalizers, aggregator=weights, scale=scale)
     if not isinstance(weights, str):
         raise ValueError(
             f"weights must be a mapping head -> number, a strategy name or a torchjd aggregator, got {weights!r}"
         )
     key = weights.strip().lower()
     if key.startswith("jd:"):
-        return Jacobian(losses, normalizers, aggregator=weights.strip()[3:])
+        return Jacobian(losses, normalizers, aggregator=weights.strip()[3:], scale=scale)
     if key not in STRATEGIES:
         raise ValueError(
             f"unknown balancing strategy {weights!r}; available: {sorted(STRATEGIES)} or 'jd:<torchjd aggregator>'"
         )
-    return STRATEGIES[key](losses, normalizers)
+    return STRATEGIES[key](losses, normalizers, scale=scale)
 
 
 __all__ = [

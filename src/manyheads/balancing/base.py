@@ -3,10 +3,13 @@
 A balancer turns the heads' losses into one objective (or does the backward pass itself, for
 gradient methods); it never owns the training loop. :func:`manyheads.fit` calls it so:
 
-    balancer = create(weights, losses, normalizers)    # parameters() join the optimizer
+    balancer = create(weights, losses, normalizers, scale=precision.grad_scale)  # parameters() join the optimizer
     balancer.start_epoch(epoch, past_train_losses)     # each epoch
-    balancer.backward(head_losses, features, scale)    # each step; features only if needs_features
+    balancer.backward(head_losses, features)           # each step; features only if needs_features
     balancer.weights()                                 # history columns weight/<head>
+
+``scale`` is the fp16 grad scaler's ``scale`` (``Precision.grad_scale``), or None: it is fixed for
+the whole run, so a balancer takes it once, at creation, and every backward pass applies it.
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ class Balancer(nn.Module):
     name = "constant"
     needs_features = False  # True: the loop passes the trunk's shared features [B, D] to backward
 
-    def __init__(self, losses: ResolvedLosses, normalizers: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self, losses: ResolvedLosses, normalizers: Mapping[str, float] | None = None, *, scale: Scale = None
+    ) -> None:
         super().__init__()
+        self.scale = scale  # the fp16 grad scaler's scale, applied to every backward pass; None: unscaled
         self.heads = list(losses)
         self.base = {name: loss.weight for name, loss in losses.items()}
         # Loss of a trivial predictor per head: dividing by it starts every head near 1.
@@ -69,16 +75,11 @@ class Balancer(nn.Module):
         based = self.based(losses)
         return sum(based[1:], based[0])  # not sum(based): that adds a 0 first, one more op and its backward
 
-    def backward(
-        self,
-        losses: Mapping[str, torch.Tensor],
-        features: torch.Tensor | None = None,
-        scale: Scale = None,
-    ) -> None:
-        """Back-propagate the objective; ``scale`` is an fp16 grad scaler's ``scale`` or None."""
+    def backward(self, losses: Mapping[str, torch.Tensor], features: torch.Tensor | None = None) -> None:
+        """Back-propagate the objective (multiplied by ``self.scale`` under fp16)."""
         total = self.objective(losses)
         if isinstance(total, torch.Tensor) and total.requires_grad:  # else every head is weighted 0
-            (scale(total) if scale else total).backward()
+            (self.scale(total) if self.scale else total).backward()
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}"

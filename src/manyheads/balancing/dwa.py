@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from manyheads.balancing.base import Balancer
+from manyheads.balancing.base import Balancer, Scale
 from manyheads.losses import ResolvedLosses
 
 
@@ -35,9 +35,14 @@ class DWA(Balancer):
     name = "dwa"
 
     def __init__(
-        self, losses: ResolvedLosses, normalizers: Mapping[str, float] | None = None, temperature: float = 2.0
+        self,
+        losses: ResolvedLosses,
+        normalizers: Mapping[str, float] | None = None,
+        temperature: float = 2.0,
+        *,
+        scale: Scale = None,
     ) -> None:
-        super().__init__(losses, normalizers)
+        super().__init__(losses, normalizers, scale=scale)
         self.temperature = temperature
         self.register_buffer("current", torch.ones(len(self.heads)))
 

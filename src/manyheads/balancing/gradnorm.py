@@ -33,9 +33,14 @@ class GradNorm(Balancer):
     needs_features = True
 
     def __init__(
-        self, losses: ResolvedLosses, normalizers: Mapping[str, float] | None = None, alpha: float = 1.5
+        self,
+        losses: ResolvedLosses,
+        normalizers: Mapping[str, float] | None = None,
+        alpha: float = 1.5,
+        *,
+        scale: Scale = None,
     ) -> None:
-        super().__init__(losses, normalizers)
+        super().__init__(losses, normalizers, scale=scale)
         self.alpha = alpha
         self.task_weights = nn.Parameter(torch.ones(len(self.heads)))  # stepped by the loop's optimizer
         self.register_buffer("initial", torch.zeros(len(self.heads)))  # L_h(0), per head once it has labels
@@ -52,30 +57,25 @@ class GradNorm(Balancer):
         w = (len(self.heads) * w / w.sum()).tolist()
         return {name: self.base[name] * value for name, value in zip(self.heads, w)}
 
-    def backward(
-        self,
-        losses: Mapping[str, torch.Tensor],
-        features: torch.Tensor | None = None,
-        scale: Scale = None,
-    ) -> None:
+    def backward(self, losses: Mapping[str, torch.Tensor], features: torch.Tensor | None = None) -> None:
         if features is None:
             raise needs_features_error(self.name)
         w = self._renormalize()
         based = self.based(losses)
         values = torch.stack([loss.detach().float() for loss in based])
         if features.requires_grad:  # a frozen trunk leaves no shared gradient: weights stay as they are
-            self._weights_gradient(based, values, features, scale)
+            self._weights_gradient(based, values, features)
         total = sum(wh * loss for wh, loss in zip(w, based))
         if total.requires_grad:
-            (scale(total) if scale else total).backward()
+            (self.scale(total) if self.scale else total).backward()
 
-    def _weights_gradient(self, based, values, features, scale) -> None:
+    def _weights_gradient(self, based, values, features) -> None:
         """Set ``task_weights.grad`` to the gradient of GradNorm's loss (no graph through the net)."""
         # A head without labels in the batch has loss exactly 0: it takes no part this step.
         present = values > 0
         self.initial.copy_(torch.where((self.initial > 0) | ~present, self.initial, values))
         # Under fp16 the scaled loss keeps small feature gradients from underflowing; divided out after.
-        factor = scale(torch.ones((), device=features.device)) if scale is not None else None
+        factor = self.scale(torch.ones((), device=features.device)) if self.scale is not None else None
         norms = []
         for loss in based:
             grad = None

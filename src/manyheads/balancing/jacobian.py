@@ -105,8 +105,10 @@ class Jacobian(Balancer):
         losses: ResolvedLosses,
         normalizers: Mapping[str, float] | None = None,
         aggregator: str | Any = "UPGrad",
+        *,
+        scale: Scale = None,
     ) -> None:
-        super().__init__(losses, normalizers)
+        super().__init__(losses, normalizers, scale=scale)
         if isinstance(aggregator, str):
             self.name = next((k for k, v in AGGREGATORS.items() if v == aggregator), f"jd:{aggregator}")
             build_aggregator(aggregator, len(self.heads))  # fail now, not at the first step
@@ -135,12 +137,7 @@ class Jacobian(Balancer):
         means = (self.weight_sum / self.weight_steps.clamp(min=1)).tolist()
         return {name: self.base[name] * (m if s else 1.0) for name, m, s in zip(self.heads, means, steps)}
 
-    def backward(
-        self,
-        losses: Mapping[str, torch.Tensor],
-        features: torch.Tensor | None = None,
-        scale: Scale = None,
-    ) -> None:
+    def backward(self, losses: Mapping[str, torch.Tensor], features: torch.Tensor | None = None) -> None:
         if features is None:
             raise needs_features_error(self.name)
         based = self.based(losses)
@@ -149,10 +146,10 @@ class Jacobian(Balancer):
         rows = tuple(i for i, value in enumerate(torch.stack([b.detach() for b in based]).tolist()) if value != 0)
         shared = _leaves(features) if features.requires_grad else []
         if len(rows) < 2 or not shared:  # nothing to aggregate: a frozen trunk, or one head labelled
-            super().backward(losses, features, scale)
+            super().backward(losses, features)
             return
         _, mtl_backward, jac_to_grad = _torchjd()
-        factor = scale(torch.ones((), device=features.device)) if scale else None
+        factor = self.scale(torch.ones((), device=features.device)) if self.scale else None
         tensors = [based[i] * factor if factor is not None else based[i] for i in rows]
         mtl_backward(tensors, features=features, shared_params=shared)
         if factor is not None:

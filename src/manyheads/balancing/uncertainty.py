@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from manyheads.balancing.base import Balancer, average_over_ranks
+from manyheads.balancing.base import Balancer, Scale, average_over_ranks
 from manyheads.losses import ResolvedLosses
 
 
@@ -26,8 +26,10 @@ class Uncertainty(Balancer):
 
     name = "uncertainty"
 
-    def __init__(self, losses: ResolvedLosses, normalizers: Mapping[str, float] | None = None) -> None:
-        super().__init__(losses, normalizers)
+    def __init__(
+        self, losses: ResolvedLosses, normalizers: Mapping[str, float] | None = None, *, scale: Scale = None
+    ) -> None:
+        super().__init__(losses, normalizers, scale=scale)
         self.log_vars = nn.Parameter(torch.zeros(len(self.heads)))  # s_h, trained with the heads
 
     def start_epoch(self, epoch: int, train_losses: list[dict[str, float]]) -> None:
