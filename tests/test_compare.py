@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import manyheads as mh
-from manyheads.compare import summarize
 from manyheads.encoding import split
+from manyheads.reports import summarize
 
 FIT = dict(epochs=2, batch_size=32, lr=1e-2, progress=False, augment=False)
 HEADS = {"size": mh.Regression(), "flag": mh.Binary(), "kind": mh.Categorical(["a", "b", "c"])}

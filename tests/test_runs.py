@@ -107,3 +107,18 @@ def test_a_config_starts_from_the_same_weights_whatever_ran_before(tmp_path, mon
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any("head_layers" in k for k in first)  # the head layers, built before fit seeds, are compared too
+
+
+def test_resume_refuses_a_changed_config_before_writing(tmp_path, monkeypatch):
+    monkeypatch.setattr("manyheads.training.fit", lambda net, train, **options: type("R", (), {"net": net})())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    (run / "config.yaml").write_text(runs.DEMO.resolved().to_yaml())
+    before = (run / "config.yaml").read_text()
+    changed = runs.DEMO.model_copy(update={"model": runs.DEMO.model.model_copy(update={"image_size": 48})})
+    with pytest.raises(ValueError, match=rf"the run in {run} was trained with model.image_size=24; this call has "):
+        runs.train(changed, run, resume=True, progress=False)
+    assert (run / "config.yaml").read_text() == before and sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.pt", "config.yaml"
+    ]  # fmt: skip

@@ -22,11 +22,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from manyheads import encoding
+from manyheads import columns, encoding
 from manyheads import images as imaging
 from manyheads.heads import Head
 from manyheads.inference import score as score_on
-from manyheads.metrics import LOWER_IS_BETTER, PRIMARY
+from manyheads.metrics import LOWER_IS_BETTER
 from manyheads.net import MultiHeadNet
 from manyheads.training import fit
 
@@ -95,14 +95,9 @@ def _for_head(options: dict, head: str) -> dict:
     monitor = options.get("monitor")
     if monitor is not None:  # keep the columns of this head; others' columns: select on its own loss
         mix = {monitor: 1.0} if isinstance(monitor, str) else dict(monitor)
-        own = {column: w for column, w in mix.items() if _head_of(column) == head}
+        own = {column: w for column, w in mix.items() if columns.head_of(column) == head}
         options["monitor"] = (next(iter(own)) if isinstance(monitor, str) else own) if own else None
     return options
-
-
-def _head_of(column: str) -> str:
-    parts = column.split("/")
-    return parts[1] if parts[0] in ("val", "train") and len(parts) > 1 else parts[0]
 
 
 def _parameters(net: MultiHeadNet) -> int:
@@ -114,7 +109,7 @@ def _rows(heads: dict[str, Head], label: str, seed: int, joint: dict, singles: d
     rows = []
     for head, kind in heads.items():
         prefix = f"test/{head}/"
-        names = [PRIMARY[kind.kind][0]]
+        names = [kind.primary]
         if all_metrics:
             names += [k[len(prefix) :] for k in joint["scores"] if k.startswith(prefix)]
             names = list(dict.fromkeys(n for n in names if n != "labels"))
@@ -165,16 +160,10 @@ def compare(
 
         table = mh.compare(net, df, strategies=("constant", "uncertainty"), seeds=(0, 1), epochs=5)
     """
-    for key, use in NOT_OPTIONS.items():
-        if key in fit_options:
-            raise ValueError(f"compare sets {key!r} itself; use {use}")
-    if "weights" in fit_options:
-        weights = fit_options.pop("weights")
-        if tuple(strategies) != ("constant",):
-            raise ValueError("pass either weights= or strategies=, not both (weights= is one strategy)")
-        strategies = (weights if weights is not None else "constant",)
-    if not strategies or not seeds:
-        raise ValueError("compare needs at least one strategy and one seed")
+    from manyheads.validation import check_compare_options
+
+    # every option, strategy and seed is checked before the first of many models trains
+    strategies = check_compare_options(strategies, seeds, fit_options, NOT_OPTIONS)  # takes weights= out
     build, heads = _factory(net_factory, heads)
     table = encoding.columns_of(train, "train")
     input_name = encoding.input_column(table, heads, inputs)
@@ -218,7 +207,7 @@ def compare(
         scores = score(result.net, result)
         if verbose:
             shown = ", ".join(
-                f"{h} {PRIMARY[k.kind][0]} {scores.get(f'test/{h}/{PRIMARY[k.kind][0]}', float('nan')):.4g}"
+                f"{h} {k.primary} {scores.get(columns.name('test', h, k.primary), float('nan')):.4g}"
                 for h, k in subset.items()
             )
             print(f"compare [{count}/{total}] done in {seconds:.1f}s: test {shown}", flush=True)
@@ -243,101 +232,3 @@ def compare(
     frame = pd.DataFrame(rows)
     frame.attrs["difference"] = "positive = the joint model is better"
     return frame
-
-
-def _markdown(frame: pd.DataFrame) -> str:
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
-
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def summarize(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean (and spread over seeds) of joint, single and difference per head, metric and strategy.
-
-    summarize(table)  # one row per head x metric x strategy
-    """
-    grouped = table.groupby(["head", "metric", "strategy"], sort=False)
-    out = grouped.agg(
-        seeds=("seed", "nunique"), single=("single", "mean"), joint=("joint", "mean"),
-        difference=("difference", "mean"), difference_std=("difference", "std"),
-        joint_better=("difference", lambda d: int((d > 0).sum())),
-    ).reset_index()  # fmt: skip
-    out["difference_std"] = out["difference_std"].fillna(0.0)
-    return out
-
-
-def _plot(summary: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    panels = list(dict.fromkeys(zip(summary["head"], summary["metric"])))
-    columns = min(4, len(panels))
-    rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns + 0.5, 3.4 * rows), squeeze=False)
-    for ax in axes.flat[len(panels) :]:
-        ax.set_visible(False)
-    for ax, (head, metric) in zip(axes.flat, panels):
-        part = summary[(summary["head"] == head) & (summary["metric"] == metric)]
-        labels = ["single"] + [f"joint\n{s}" for s in part["strategy"]]
-        values = [part["single"].iloc[0]] + part["joint"].tolist()
-        colors = ["#999999"] + ["#1f77b4"] * len(part)
-        bars = ax.bar(range(len(values)), values, color=colors)
-        ax.bar_label(bars, fmt="%.3g", fontsize=7)
-        ax.set_xticks(range(len(values)), labels, fontsize=7)
-        better = "higher" if metric not in LOWER_IS_BETTER else "lower"
-        ax.set_title(f"{head}: test {metric} ({better} is better)", fontsize=9)
-    fig.suptitle("Joint vs single-head models (mean over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_comparison(table: pd.DataFrame, out_dir: str | Path) -> Path:
-    """Write ``comparison.csv``, ``comparison.md`` and the bar plot ``comparison.png`` into ``out_dir``.
-
-    write_comparison(mh.compare(net, df, epochs=5), "runs/compare")
-    """
-    if table.empty:
-        raise ValueError("the comparison table is empty: nothing to write")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "comparison.csv", index=False)
-    summary = summarize(table)
-    _plot(summary, out / "comparison.png")
-    first = table.drop_duplicates(["strategy", "seed"])
-    cost = first.groupby("strategy", sort=False).agg(
-        joint_params=("joint_params", "first"), singles_params=("singles_params", "first"),
-        joint_seconds=("joint_seconds", "mean"), singles_seconds=("singles_seconds", "mean"),
-    ).reset_index()  # fmt: skip
-    text = [
-        "# Does joint training help?",
-        "",
-        "Each head trained alone vs all heads trained jointly, same trunk, data split, epochs, batch size, "
-        "learning rate and seeds, scored on the same held-out test split. **difference > 0 means the joint "
-        "model is better** (lower error, or higher accuracy / F1 / AUROC); joint_better counts the seeds "
-        "where it was.",
-        "",
-        "## Summary (mean over seeds)",
-        "",
-        _markdown(summary),
-        "",
-        "## Cost: one joint model vs all single-head models together",
-        "",
-        _markdown(cost),
-        "",
-        "![comparison](comparison.png)",
-        "",
-        "## Every run",
-        "",
-        _markdown(table[["head", "metric", "strategy", "seed", "joint", "single", "difference", "test_labels"]]),
-        "",
-    ]
-    (out / "comparison.md").write_text("\n".join(text))
-    return out

@@ -16,11 +16,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
+from manyheads import validation
 from manyheads.heads import Head, head_from_spec
 
-SOURCES = ("utkface", "fairface", "csv", "shapes")
+SOURCES = ("utkface", "fairface", "csv", "shapes")  # the data sources runs.load_table reads
+_SOURCE = validation.OneOf(SOURCES)
 
 
 class ConfigError(ValueError):
@@ -31,15 +42,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check(constraint: validation.Constraint, value: Any) -> Any:
+    """``value`` when ``constraint`` accepts it; else a ValueError in validation's ``must be ...; got ...`` form."""
+    found = validation.problem(constraint, value)
+    if found is not None:
+        raise ValueError(found)
+    return value
+
+
 class DataConfig(_Section):
     """Where the table comes from. ``shapes`` generates images (``limit`` of them, default 512)."""
 
-    source: Literal["utkface", "fairface", "csv", "shapes"] = "shapes"
+    source: str = "shapes"  # one of SOURCES
     path: str | None = None  # utkface: the image folder; fairface and csv: the label CSV
     images: str | None = None  # fairface and csv: the folder image paths are relative to (default: the CSV's)
     image_column: str = "image"  # csv: the column that names image files
     inputs: str = "image"  # the input column of the loaded table
     limit: int | None = Field(None, ge=1)  # keep this many rows, evenly spaced
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        return _check(_SOURCE, source)
 
     @model_validator(mode="after")
     def _needs_path(self) -> DataConfig:
@@ -49,53 +73,81 @@ class DataConfig(_Section):
 
 
 class HeadConfig(_Section):
-    """One head: kind and labels; optionally loss, constant weight, class weights, label smoothing, hidden layer."""
+    """One head: kind and labels; optionally loss, constant weight, class weights, label smoothing, hidden layer.
 
-    kind: Literal["regression", "binary", "categorical", "ordinal", "multilabel"]
+    A kind's own fields beyond these (a distribution head's ``step``, ``sigma``, ``answer``: its
+    class's ``spec_fields``) are written next to them in the YAML and kept in ``options``.
+    """
+
+    kind: str  # a name in manyheads.heads.REGISTRY
     labels: list[str | int | float] | None = None
     loss: str | None = None
-    weight: float = Field(1.0, ge=0)
+    weight: float = 1.0
     class_weights: Literal["balanced"] | dict[str | int, float] | None = None
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # classifiers: train towards 1 - e, spread e evenly
     standardize: bool = True  # regression: learn in units of the targets' spread
     hidden: int = Field(0, ge=0)  # units of a hidden layer of this head's own before its output; 0: none
     min: float | None = None  # regression: targets outside [min, max] are bad rows
     max: float | None = None
+    options: dict[str, Any] = {}  # the kind's own fields (flat in the YAML)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_fields(cls, data: Any) -> Any:
+        """Move the fields of the named kind that are not fields here into ``options``."""
+        if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
+            return data
+        from manyheads.heads import REGISTRY
+
+        own = set(getattr(REGISTRY.get(data["kind"]), "spec_fields", ())) - set(cls.model_fields)
+        moved = {key: value for key, value in data.items() if key in own}
+        if not moved:
+            return data
+        kept = {key: value for key, value in data.items() if key not in moved}
+        return {**kept, "options": {**kept.get("options", {}), **moved}}
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: Any) -> dict[str, Any]:
+        dumped = handler(self)
+        return {**{k: v for k, v in dumped.items() if k != "options"}, **dumped.get("options", {})}
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        return _check(validation.HEAD_KIND, kind)
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, weight: float) -> float:
+        return _check(validation.WEIGHT, weight)
 
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, loss: str | None, info: ValidationInfo) -> str | None:
-        from manyheads.losses import ALIASES, REGISTRY, SUITS
-
-        if loss is None:
-            return None
-        key = ALIASES.get(loss.lower(), loss.lower())
-        if key not in REGISTRY:
-            raise ValueError(f"unknown loss {loss!r}; available: {sorted(REGISTRY)}")
-        kind = info.data.get("kind")
-        if kind is not None and key not in SUITS[kind]:
-            raise ValueError(f"loss {loss!r} does not fit a {kind} head; use one of {sorted(SUITS[kind])}")
+        if loss is not None:
+            validation.check_loss(loss, info.data.get("kind"))  # the kind, when it was valid itself
         return loss
 
     @model_validator(mode="after")
     def _buildable(self) -> HeadConfig:
-        if self.kind != "regression" and (self.min is not None or self.max is not None or not self.standardize):
-            raise ValueError(f"min, max and standardize apply to regression heads only, not {self.kind}")
-        head = self.build()  # head kinds check their own labels and class weights
+        head = self.build()  # head kinds check their own fields, labels and class weights
         if self.label_smoothing:
-            from manyheads.losses import ALIASES, SMOOTHABLE
-
-            loss = (self.loss or head.default_loss).lower()
-            if ALIASES.get(loss, loss) not in SMOOTHABLE:
-                raise ValueError(f"label_smoothing applies to the losses {sorted(SMOOTHABLE)}, not {loss!r}")
+            loss = self.loss or head.default_loss
+            smoothable = validation.smoothable_losses(head)
+            if validation.canonical_loss(loss) not in smoothable:
+                raise ValueError(f"label_smoothing applies to the losses {sorted(smoothable)}, not {loss!r}")
         return self
 
     def build(self) -> Head:
-        """The head kind this entry describes: ``HeadConfig(kind="binary").build()``."""
-        spec = self.model_dump(exclude={"loss", "weight", "hidden"}, exclude_none=True)
-        if self.kind != "regression":
-            spec.pop("standardize")
-        return head_from_spec(spec)
+        """The head kind this entry describes: ``HeadConfig(kind="binary").build()``.
+
+        Only the fields set to other than their defaults go to the head kind, which refuses those
+        that do not apply to it (``min`` on a binary head).
+        """
+        return head_from_spec(
+            self.model_dump(exclude={"loss", "weight", "hidden"}, exclude_none=True, exclude_defaults=True)
+            | {"kind": self.kind}  # the kind's own options are flat in the dump
+        )
 
 
 class ModelConfig(_Section):
@@ -105,18 +157,17 @@ class ModelConfig(_Section):
     pretrained: bool | str = False  # True: the default ImageNet weights; a string names torchvision weights
     image_size: int = Field(128, ge=16)
     dropout: float = Field(0.0, ge=0, lt=1)
-    tta: Literal["flip"] | None = None  # "flip": answers average the image and its mirror
+    tta: str | None = None  # one of net.TTA_MODES; "flip": answers average the image and its mirror
 
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, name: str) -> str:
-        import torchvision
+        return validation.check_backbone(name)
 
-        if not name.startswith("timm:") and name not in torchvision.models.list_models(torchvision.models):
-            from manyheads.backbones import available
-
-            raise ValueError(f"unknown backbone {name!r}; e.g. {available()} (or 'timm:NAME' with timm installed)")
-        return name
+    @field_validator("tta")
+    @classmethod
+    def _known_tta(cls, tta: str | None) -> str | None:
+        return _check(validation.TTA, tta)
 
 
 class AugmentConfig(_Section):
@@ -129,43 +180,50 @@ class AugmentConfig(_Section):
     jitter: float = Field(0.1, ge=0, lt=1)
 
 
-class TrainConfig(_Section):
-    """Options of :func:`manyheads.fit`; ``weights`` names a balancing strategy (constants go per head)."""
+# What a YAML file can say of fit's options that also take Python objects: names only.
+_IN_A_FILE = {
+    "optimizer": validation.OPTIMIZER_NAME,
+    "weights": validation.Optional(validation.STRATEGY),  # constant weights go per head
+}
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    trunk_lr: float | None = Field(None, ge=0)
-    weight_decay: float | None = Field(None, ge=0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    schedule: Literal["constant", "cosine", "onecycle"] | None = None
-    warmup: float = Field(0.3, ge=0, lt=1)
-    freeze_trunk_epochs: int = Field(0, ge=0)
-    ema: float | None = Field(None, ge=0, lt=1)  # decay of a moving average of the weights
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+class TrainConfig(_Section):
+    """Options of :func:`manyheads.fit`; ``weights`` names a balancing strategy (constants go per head).
+
+    Every field that is a fit option is checked by fit's own constraint (``validation.FIT_CONSTRAINTS``).
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    trunk_lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: str = "adamw"  # a name in optim.OPTIMIZERS
+    schedule: str | None = None  # one of optim.SCHEDULES
+    warmup: float = 0.3
+    freeze_trunk_epochs: int = 0
+    ema: float | None = None  # decay of a moving average of the weights
+    precision: str = "fp32"  # a name in precision.PRECISIONS
     channels_last: bool | None = None  # None: on for named backbones with image inputs
     compile: bool = False
     augment: bool | AugmentConfig = True
     normalize: bool = False
-    weights: str | None = None
+    weights: str | None = None  # a balancing strategy name
     monitor: str | dict[str, float] | None = None  # a column, or column -> weight (a weighted mix)
-    patience: int | None = Field(None, ge=1)
+    patience: int | None = None
     keep_best_per_head: bool = False
     seed: int | None = 0  # fixed by default: a config reruns the same
-    on_bad: Literal["error", "skip"] = "error"
-    checkpoint_every: int | None = Field(None, ge=1)
+    on_bad: str = "error"
+    checkpoint_every: int | None = None
     device: str | None = None
     cache_dir: str | None = None
-    workers: int | None = Field(None, ge=0)
+    workers: int | None = None
 
-    @field_validator("weights")
+    @field_validator(*validation.FIT_CONSTRAINTS, check_fields=False)
     @classmethod
-    def _known_strategy(cls, weights: str | None) -> str | None:
-        from manyheads.balancing import STRATEGIES
-
-        if weights is not None and not weights.lower().startswith("jd:") and weights.lower() not in STRATEGIES:
-            raise ValueError(f"unknown balancing strategy {weights!r}; available: {sorted(STRATEGIES)} or 'jd:NAME'")
-        return weights
+    def _fit_option(cls, value: Any, info: ValidationInfo) -> Any:
+        constraint = _IN_A_FILE.get(info.field_name) or validation.FIT_CONSTRAINTS[info.field_name]
+        return _check(constraint, value)
 
 
 class SplitConfig(_Section):
@@ -291,7 +349,7 @@ def _allowed(loc: tuple) -> list[str]:
     if len(loc) == 1:
         return list(RunConfig.model_fields)
     if loc[0] == "heads":
-        return list(HeadConfig.model_fields)
+        return [name for name in HeadConfig.model_fields if name != "options"]
     if loc[:2] == ("train", "augment"):
         return list(AugmentConfig.model_fields)
     model = sections.get(loc[0])

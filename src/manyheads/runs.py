@@ -43,7 +43,9 @@ DEMO = parse_config(
 
 def is_main() -> bool:
     """Whether this process may write files and print (rank 0 under torchrun, or a single process)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    from manyheads.distributed import Cluster
+
+    return Cluster.is_main_process()
 
 
 def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
@@ -94,14 +96,19 @@ class Split:
 
     @classmethod
     def of(cls, n: int, split: SplitConfig) -> Split:
-        """Seeded random split of ``n`` rows by the config's test and validation fractions."""
-        order = np.random.default_rng(split.seed).permutation(n)
-        n_test = max(1, round(n * split.test)) if split.test else 0
-        n_val = max(1, round(n * split.validation)) if split.validation else 0
+        """Seeded random split of ``n`` rows by the config's test and validation fractions.
+
+        The rows come from :func:`manyheads.encoding.seeded_parts` (the permutation ``fit``'s
+        ``validation=<fraction>`` uses too): test first, then validation, the rest trains.
+        """
+        from manyheads import encoding
+
+        n_test, n_val = encoding.held_out(n, split.test), encoding.held_out(n, split.validation)
         if n - n_test - n_val < 1:
             raise ValueError(f"{n} rows leave none to train on after a {split.test} test and "
                              f"{split.validation} validation split; use more data or smaller fractions")  # fmt: skip
-        return cls(np.sort(order[n_test + n_val :]), np.sort(order[n_test : n_test + n_val]), np.sort(order[:n_test]))
+        test, validation, train = encoding.seeded_parts(n, [n_test, n_val], split.seed)
+        return cls(train, validation, test)
 
     def parts(self, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
         """(train, validation or None, test or None) as DataFrames."""
@@ -155,15 +162,23 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, p
     """Split, train into ``out_dir`` and report on the test split; returns (TrainResult, report or None).
 
     Under torchrun every process trains; only rank 0 writes files and gets a report.
+
+    ``resume=True`` continues the run from its checkpoint; the config must be the run's own
+    ``config.yaml`` but for the safe changes (:func:`manyheads.validation.config_changes`: more
+    epochs under schedule None or "constant", device, workers, cache_dir, checkpoint_every, a
+    moved data folder). Any other change is refused before anything is written.
     """
     from manyheads import checkpoint
-    from manyheads.evaluation import evaluate_report
+    from manyheads.reports import evaluate_report
     from manyheads.training import fit
+    from manyheads.validation import check_config_resume
 
     out = Path(out_dir)
-    check_offline(cfg.model)
     if resume and not (out / checkpoint.NAME).is_file():
         raise ValueError(f"{out}: no {checkpoint.NAME} to resume from (train without --resume first)")
+    if resume and (out / "config.yaml").is_file():  # before anything is written: the run's own config decides
+        check_config_resume(load_config(out / "config.yaml"), cfg.resolved(), out)
+    check_offline(cfg.model)
     df = load_table(cfg)
     split = Split.of(len(df), cfg.split)
     record = _record(cfg, df, split)
