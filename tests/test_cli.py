@@ -5,6 +5,7 @@ import importlib
 import io
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import warnings
@@ -17,6 +18,7 @@ import yaml
 from PIL import Image
 
 import manyheads as mh
+from manyheads import runs
 from manyheads.cli import main
 
 REAL_UTKFACE = Path(__file__).parents[2] / "shared/data/utkface"
@@ -147,6 +149,81 @@ def test_predict_prints_every_head_for_every_image(trained, capsys):
     assert code == 0 and out.startswith(str(images[0])) and "  race" in out and "  age" in out
 
 
+def test_predict_takes_folders_of_images(trained, capsys, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sources = sorted(trained["data"].iterdir())[:4]
+    for i, source in enumerate(sources):  # names out of order, an upper-case suffix, and a file that is not an image
+        shutil.copy(source, folder / f"{'dcba'[i]}.{'JPG' if i == 0 else 'jpg'}")
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / "sub").mkdir()
+    single = sources[0]
+    code, out, err = run_cli(capsys, "predict", trained["run"], folder, single, "--json")
+    assert code == 0, err
+    results = json.loads(out)
+    expected = [str(folder / name) for name in ("a.jpg", "b.jpg", "c.jpg", "d.JPG")] + [str(single)]
+    assert [r["image"] for r in results] == expected
+    code, out, err = run_cli(capsys, "predict", trained["run"], *expected, "--json")
+    assert code == 0 and json.loads(out) == results  # the folder answers as its files named one by one
+    assert results[3]["predictions"] == results[4]["predictions"]  # d.JPG is a copy of the single file
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no pictures here")
+    code, out, err = run_cli(capsys, "predict", trained["run"], empty)
+    assert code == 2 and f"{empty} is a folder with no images in it" in err and err.count("\n") == 1
+    code, out, err = run_cli(capsys, "predict", trained["run"], folder / "notes.txt")
+    assert code == 2 and "notes.txt: not an image" in err and err.count("\n") == 1
+
+
+def files_of(folder: Path) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir() if p.is_file()}
+
+
+def test_train_refuses_to_replace_a_run_unless_asked(trained, capsys, tmp_path):
+    run, config = trained["run"], trained["run"] / "config.yaml"
+    before = files_of(run)
+    half = tmp_path / "interrupted"
+    half.mkdir()
+    (half / "checkpoint.pt").write_bytes(b"a checkpoint")
+    for out in (run, half):
+        code, _, err = run_cli(capsys, "train", config, "--out", out, "--quiet")
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert f"{out} already holds a run" in err
+        assert "--resume" in err and "a new --out" in err and "--overwrite" in err
+    assert files_of(run) == before and (half / "checkpoint.pt").read_bytes() == b"a checkpoint"
+    code, _, err = run_cli(capsys, "train", config, "--out", run, "--resume", "--overwrite")
+    assert code == 2 and "pass one of them" in err and files_of(run) == before
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "notes.txt").write_text("mine")
+    old = files_of(copy)
+    code, out, err = run_cli(capsys, "train", config, "--out", copy, "--quiet", "--overwrite", "train.seed=2")
+    assert code == 0, err
+    new = files_of(copy)
+    assert new["notes.txt"] == old["notes.txt"]  # the folder is not wiped: only the run's files are replaced
+    for name in ("model.safetensors", "config.yaml", "history.csv", "report.md", "checkpoint.pt"):
+        assert new[name][0] != old[name][0], name
+    assert yaml.safe_load((copy / "config.yaml").read_text())["train"]["seed"] == 2
+
+
+def test_overwrite_drops_the_old_checkpoint_so_a_killed_new_run_cannot_resume_the_old_one(
+    trained, capsys, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # before the new run's first checkpoint
+
+    monkeypatch.setattr(runs, "train", killed)
+    code, _, _ = run_cli(capsys, "train", run / "config.yaml", "--out", run, "--overwrite", "--quiet")
+    assert code == 130 and not (run / "checkpoint.pt").exists() and (run / "model.safetensors").is_file()
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, "train", run / "config.yaml", "--out", run, "--resume", "--quiet")
+    assert code == 2 and "no checkpoint.pt to resume from" in err
+
+
 def test_demo_when_the_data_is_missing(tmp_path, capsys, monkeypatch):
     config = tmp_path / "faces.yaml"
     config.write_text(yaml.safe_dump({**TINY, "data": {"source": "utkface", "path": str(tmp_path / "absent")}}))
@@ -204,10 +281,27 @@ def test_export_and_serve_are_wired(trained, capsys, monkeypatch, tmp_path):
     assert path == str(tmp_path / "m.onnx") and f"wrote {path}" in out
     code, out, err = run_cli(capsys, "serve", trained["run"], "--port", "9001")
     assert code == 0, err
-    assert calls.pop() == (trained["run"] / "model.safetensors", {"host": "127.0.0.1", "port": 9001})
+    assert calls.pop() == (trained["run"] / "model.safetensors", {"host": "127.0.0.1", "port": 9001, "docs": False})
     onnx = tmp_path / "m.onnx"
-    code, out, err = run_cli(capsys, "serve", onnx, "--host", "0.0.0.0")
-    assert calls.pop() == (onnx, {"host": "0.0.0.0", "port": 8000})
+    code, out, err = run_cli(capsys, "serve", onnx, "--host", "0.0.0.0", "--max-pixels", "1000000", "--docs")
+    assert calls.pop() == (onnx, {"host": "0.0.0.0", "port": 8000, "docs": True, "max_pixels": 1_000_000})
+
+
+def test_serve_refuses_a_bad_or_busy_port_in_one_line(trained, capsys):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        for port, words in (("99999", "port 99999 is not a port number: give one from 1 to 65535"),
+                            ("0", "from 1 to 65535"),
+                            (str(busy.getsockname()[1]), f"port {busy.getsockname()[1]} on 127.0.0.1 is in use")):
+            code, out, err = run_cli(capsys, "serve", trained["run"], "--port", port)
+            assert code == 2 and err.startswith("manyheads: error: ") and words in err, err
+            assert err.count("\n") == 1 and "Traceback" not in err
+    finally:
+        busy.close()
+    code, out, err = run_cli(capsys, "serve", trained["run"], "--max-pixels", "0")
+    assert code == 2 and "max_pixels must be a positive integer" in err
 
 
 def test_compare_is_wired(trained, capsys, monkeypatch, tmp_path):
@@ -220,8 +314,9 @@ def test_compare_is_wired(trained, capsys, monkeypatch, tmp_path):
 
     module = importlib.import_module("manyheads.compare")  # mh.compare is the function, not the module
     monkeypatch.setattr(module, "compare", fake_compare)
-    monkeypatch.setattr(module, "write_comparison", lambda table, out: seen.update(out=out))
-    monkeypatch.setattr(module, "summarize", lambda table: table)
+    reports = importlib.import_module("manyheads.reports")  # where _compare takes them from
+    monkeypatch.setattr(reports, "write_comparison", lambda table, out: seen.update(out=out))
+    monkeypatch.setattr(reports, "summarize", lambda table: table)
     config = trained["run"] / "config.yaml"
     code, out, err = run_cli(capsys, "compare", config, "--out", tmp_path, "--strategies", "constant,dwa", "--quiet")
     assert code == 0, err

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import manyheads as mh
 from manyheads.datasets import (
     FAIRFACE_AGES,
     FAIRFACE_RACES,
@@ -210,6 +211,23 @@ def test_from_csv_image_root_and_errors(tmp_path):
     csv.write_text("image,label\n,cat\n")
     with pytest.raises(ValueError, match="no image"):
         from_csv(csv)
+
+
+def test_from_csv_reads_a_numeric_column_with_text_cells_per_cell(tmp_path):
+    csv = tmp_path / "t.csv"
+    rows = ["image,age,score,grade,note"] + [f"{i}.jpg,{20 + i},{i / 4},{'ABC'[i % 3]},x" for i in range(9)]
+    rows[3] = "2.jpg,abc,n/a,1,x"  # one text cell in each numeric column; a number in a text column
+    rows[5] = "4.jpg,,0.5,B,"
+    csv.write_text("\n".join(rows) + "\n")
+    df = from_csv(csv)
+    assert df["age"].tolist()[:3] == [20, 21, "abc"] and all(type(v) is int for v in df["age"][[0, 1, 3]])
+    assert pd.isna(df.loc[4, "age"]) and df.loc[8, "age"] == 28
+    assert df.loc[2, "score"] == "n/a" and df.loc[1, "score"] == 0.25 and isinstance(df.loc[0, "score"], float)
+    assert df["grade"].tolist()[:3] == ["A", "B", "1"]  # mostly text: labels, kept as text
+    assert df.loc[0, "note"] == "x" and pd.isna(df.loc[4, "note"])
+    bad = {}
+    _, labelled = mh.Regression().encode(df["age"], name="age", bad=bad)
+    assert list(bad) == [2] and "got 'abc'" in bad[2] and labelled.sum() == 7  # row 4 is unlabelled, not bad
 
 
 # ---------------------------------------------------------------- shapes

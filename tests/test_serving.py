@@ -10,6 +10,7 @@ from PIL import Image
 from torch import nn
 
 import manyheads as mh
+from manyheads.export import export_onnx
 from manyheads.serving import create_app, load_model, serve_in_thread
 
 RACES = ["White", "Black", "Asian", "Indian", "Others"]
@@ -99,7 +100,7 @@ def test_batches_by_multipart_and_base64_agree(client):
 
 
 def test_the_onnx_export_serves_the_same_answers(client, run_dir, tmp_path):
-    onnx_path = mh.load(run_dir / "model.safetensors").export_onnx(tmp_path / "model.onnx")
+    onnx_path = export_onnx(mh.load(run_dir / "model.safetensors"), tmp_path / "model.onnx")
     files = [("files", (f"{i}.png", photo(10 + i), "image/png")) for i in range(2)]
     with serve_in_thread(create_app(onnx_path)) as base:
         assert httpx.get(base + "/health").json()["backend"] == "onnx"

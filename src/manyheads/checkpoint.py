@@ -11,6 +11,7 @@ intact; a temporary file left by a killed writer is never read, and the next sav
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import uuid
@@ -40,12 +41,56 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as file:  # the data must be on disk before the rename makes it visible
             os.fsync(file.fileno())
         os.replace(tmp, path)
+    except Exception as error:
+        code = _out_of_space(error)
+        if code is None:
+            raise
+        raise DiskFullError(path, code) from error
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
     for stale in path.parent.glob(f".{path.name}.*-*.tmp"):  # left by writers killed mid-write
         if not _alive(stale.name[len(path.name) + 2 :].split("-")[0]):
             stale.unlink(missing_ok=True)
+
+
+class DiskFullError(OSError):
+    """The disk (or the user's quota) filled up while writing ``path``; the previous file is untouched.
+
+    One line that names the file: ``str(error)``; ``error.errno`` is ENOSPC or EDQUOT.
+    """
+
+    def __init__(self, path: Path, code: int) -> None:
+        reason = "disk quota exceeded" if code == _EDQUOT else "no space left on device"
+        before = "the previous file is intact" if path.exists() else "no file was there before"
+        super().__init__(code, f"{path}: {reason} while writing it; nothing was lost: {before}. Free some space "
+                               f"(or choose another folder) and try again")  # fmt: skip
+        self.filename = str(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_EDQUOT = getattr(errno, "EDQUOT", 122)
+_FULL = {errno.ENOSPC: "os error 28", _EDQUOT: f"os error {_EDQUOT}"}
+
+
+def _out_of_space(error: BaseException) -> int | None:
+    """ENOSPC or EDQUOT when ``error`` or an error it came from says the disk is full, else None.
+
+    torch's writer reports a failed write as ``RuntimeError("... unexpected pos ...")`` raised while
+    handling the OSError; safetensors as its own error whose text ends in ``(os error 28)``.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _FULL:
+            return error.errno
+        for code, words in _FULL.items():
+            if f"({words})" in str(error):
+                return code
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _alive(pid: str) -> bool:

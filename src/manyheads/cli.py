@@ -41,8 +41,34 @@ def _headline(report: dict) -> str:
     return " | ".join(parts)
 
 
+# What `manyheads train` leaves in a run folder: any of them there means the folder holds a run.
+RUN_FILES = ("model.safetensors", "checkpoint.pt", "config.yaml", "split.json", "history.csv", "summary.json",
+             "report.md", "metrics.json")  # fmt: skip
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse to train over a run in ``--out`` unless asked to (--resume or --overwrite); nothing is written."""
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out RUN_DIR, the run folder to continue")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if args.out is None or args.resume:
+        return
+    out = Path(args.out)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not args.overwrite:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(
+            f"{out} already holds a run ({shown}); continue it with --resume, train into a new --out folder, "
+            "or pass --overwrite to replace its files"
+        )
+    if found and runs.is_main():  # the old run's checkpoint must not be resumed as if it were the new run's
+        (out / "checkpoint.pt").unlink(missing_ok=True)
+
+
 def _train(args: argparse.Namespace) -> None:
     cfg = _with_data(load_config(args.config, args.overrides), args.data)
+    _check_out(args)
     name = Path(args.config).stem
     missing = runs.missing_data(cfg.data)
     if missing is not None and args.data is None:
@@ -54,8 +80,6 @@ def _train(args: argparse.Namespace) -> None:
                 flush=True,
             )
         cfg, name = runs.DEMO, "shapes-demo"
-    if args.resume and args.out is None:
-        raise ValueError("--resume needs --out RUN_DIR, the run folder to continue")
     out = Path(args.out) if args.out else runs.default_run_dir(name)
     _, report = runs.train(cfg, out, resume=args.resume, progress=not args.quiet)
     if not runs.is_main():
@@ -70,8 +94,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from manyheads.evaluation import evaluate_report
     from manyheads.net import load
+    from manyheads.reports import evaluate_report
 
     run = Path(args.run)
     net = load(runs.model_file(run))
@@ -94,19 +118,45 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"report: {out / 'report.md'}\n{report['rows']} rows: {_headline(report)}")
 
 
+def _image_files(items: Sequence[str]) -> list[str]:
+    """The image files named, a folder standing for its images (sorted by name; subfolders not searched)."""
+    from manyheads.images import IMAGE_SUFFIXES
+
+    files = []
+    for item in items:
+        if not Path(item).is_dir():
+            files.append(item)
+            continue
+        found = sorted(p.name for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not found:
+            raise ValueError(f"{item} is a folder with no images in it (looked for {', '.join(IMAGE_SUFFIXES)} "
+                             "files; subfolders are not searched)")  # fmt: skip
+        files += [str(Path(item) / name) for name in found]
+    return files
+
+
 def _predict(args: argparse.Namespace) -> None:
+    import torch
+
+    from manyheads import images
     from manyheads.net import load
 
     net = load(runs.model_file(args.run))
-    values, probabilities = net.predict(args.images), net.predict_proba(args.images)
+    if net.image_size is None:
+        raise ValueError(f"{args.run}: this model takes no images (it has no image_size), so it cannot predict files")
     results = []
-    for i, image in enumerate(args.images):
-        entry = {"image": image, "predictions": {name: values[name][i] for name in net.heads}, "probabilities": {}}
-        for name, p in probabilities.items():
-            entry["probabilities"][name] = {
-                str(label): round(float(v), 6) for label, v in zip(net.heads[name].labels, p[i])
-            }
-        results.append(entry)
+    files = _image_files(args.images)
+    for start in range(0, len(files), 256):  # decoded once, a bounded number at a time
+        chunk = files[start : start + 256]
+        batch = images.normalize(torch.stack([images.load_rgb(path, net.image_size) for path in chunk]))
+        values, probabilities = net.predict(batch), net.predict_proba(batch)
+        for i, image in enumerate(chunk):
+            entry = {"image": image, "predictions": {name: values[name][i] for name in net.heads}, "probabilities": {}}
+            for name, p in probabilities.items():
+                entry["probabilities"][name] = {
+                    str(label): round(float(v), 6) for label, v in zip(net.heads[name].labels, p[i])
+                }
+            results.append(entry)
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -133,12 +183,14 @@ def _serve(args: argparse.Namespace) -> None:
     from manyheads.serving import serve
 
     model = Path(args.model)
-    serve(runs.model_file(model) if model.is_dir() else model, host=args.host, port=args.port)
+    limits = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
+    serve(runs.model_file(model) if model.is_dir() else model, host=args.host, port=args.port, docs=args.docs, **limits)
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from manyheads.compare import compare, summarize, write_comparison
+    from manyheads.compare import compare
     from manyheads.net import MultiHeadNet
+    from manyheads.reports import summarize, write_comparison
 
     cfg = _with_data(load_config(args.config, args.overrides), args.data)
     runs.check_offline(cfg.model)
@@ -174,6 +226,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data path (overrides data.path)")
     p.add_argument("--out", help="run folder (default: runs/<config name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into --out even if it holds a run: its files are replaced (its checkpoint removed first); "
+        "other files there stay",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(handler=_train)
 
@@ -191,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("predict", help="predict every head for image files")
     p.add_argument("run", help="run folder or .safetensors model")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument("--json", action="store_true", help="print JSON: one object per image")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per classifier head (default 3)")
     p.set_defaults(handler=_predict)
@@ -204,7 +262,10 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("serve", help="serve predictions over HTTP")
     p.add_argument("model", help="run folder, .safetensors or .onnx model")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="1-65535 (default 8000)")
+    p.add_argument("--max-pixels", type=int, help="largest image accepted, in pixels (default 40000000); "
+                   "checked from the header before decoding, 413 above it")  # fmt: skip
+    p.add_argument("--docs", action="store_true", help="also serve /docs and /redoc (their scripts load from a CDN)")
     p.set_defaults(handler=_serve)
 
     p = commands.add_parser("compare", help="joint model vs one single-head model per head, on the test split")

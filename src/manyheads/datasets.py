@@ -173,7 +173,11 @@ def from_csv(
     Image paths are made absolute, relative to ``image_root`` (default: the CSV's
     folder), and stored in a column named ``image``. Only empty cells become
     missing (NaN), meaning 'not labelled for this head'; text such as ``NA`` is
-    kept as is. Files are not checked here: the image loader reports bad ones.
+    kept as is. A column of numbers with some text cells among them (more than half
+    of its non-empty cells numbers) is read cell by cell: the numbers become numbers
+    and the text cells stay text, so a regression head names each bad row and its
+    value (and ``on_bad="skip"`` drops only those rows), where pandas would make the
+    whole column text. Files are not checked here: the image loader reports bad ones.
 
     Example: ``df = from_csv("labels.csv", "photos/", image_column="path")``
     """
@@ -190,7 +194,27 @@ def from_csv(
     root = Path(image_root) if image_root is not None else csv.parent
     root = root.expanduser().resolve()
     table[image_column] = [os.path.abspath(root / p) for p in table[image_column]]
+    for column in table.columns.drop(image_column):
+        table[column] = _numbers_per_cell(table[column])
     return table.rename(columns={image_column: "image"})
+
+
+def _numbers_per_cell(cells: pd.Series) -> pd.Series:
+    """A text column that is mostly numbers, with its number cells as numbers (ints if all are whole) and
+    its other cells as the text they were; any other column as it is."""
+    if pd.api.types.is_numeric_dtype(cells) or pd.api.types.is_bool_dtype(cells):
+        return cells
+    present = cells.notna()
+    texts = cells[present].astype(str)
+    numbers = pd.to_numeric(texts, errors="coerce")  # per cell: NaN where a cell is not a number
+    parsed = numbers.notna()
+    if not parsed.mean() > 0.5:  # mostly text (or empty): labels, kept as they are
+        return cells
+    whole = bool(np.isfinite(numbers[parsed]).all() and (numbers[parsed] % 1 == 0).all())
+    out = pd.Series(np.nan, index=cells.index, dtype=object)
+    for row, text, number, ok in zip(texts.index, texts, numbers, parsed):
+        out[row] = (int(number) if whole else float(number)) if ok else text
+    return out
 
 
 def _distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:

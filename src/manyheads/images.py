@@ -66,7 +66,8 @@ def load_rgb(item: Any, size: int) -> torch.Tensor:
 
     ``item`` is a file path, a PIL image, or a numpy array / torch tensor: uint8 (or float in
     [0, 1]) shaped HW, HWC or CHW with 1, 3 or 4 channels (arrays default to HWC, tensors to CHW).
-    Every mode becomes RGB via Pillow; alpha is dropped, not composited. Files get their EXIF
+    Every mode becomes 8-bit RGB: 16-bit and float images are scaled, not clipped (see
+    :func:`_to_rgb`); alpha is dropped, not composited. Files get their EXIF
     orientation applied. The shorter side is resized (antialiased bicubic) to ``size`` and the
     centre square is kept. Unreadable input raises :class:`BadImageError`. Truncated files are
     only detected while ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False (Pillow's default).
@@ -81,7 +82,7 @@ def _decode(item: Any, size: int, source: str | None = None) -> np.ndarray:
         source = source or getattr(item, "filename", "") or "<PIL image>"
         try:
             return _square(item, size)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # a truncated file behind the image, a mode Pillow cannot convert
             raise BadImageError(source, f"cannot decode ({e})") from e
     if isinstance(item, (np.ndarray, torch.Tensor)):
         return _square(_array_to_pil(item, source or f"<{type(item).__name__} {tuple(item.shape)}>"), size)
@@ -113,7 +114,8 @@ def _decode_file(path: Path, size: int) -> np.ndarray:
             if fmt == "JPEG":
                 img.draft("RGB", (size, size))  # DCT-domain downscale; keeps both sides >= size
             img.load()
-            return _square(ImageOps.exif_transpose(img), size)
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of a large image
+            return _square(img, size)
         # Pillow's format plugins signal corrupt data with many exception types.
         except Exception as e:
             reason = f"truncated {fmt}" if "truncat" in str(e).lower() else f"corrupt {fmt} ({e})"
@@ -121,13 +123,53 @@ def _decode_file(path: Path, size: int) -> np.ndarray:
 
 
 def _square(img: Image.Image, size: int) -> np.ndarray:
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    img = _to_rgb(img)
     w, h = img.size
     side = min(w, h)
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
     img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB, scaling wide modes instead of clipping them as ``convert("RGB")`` does.
+
+    16-bit grey (``I;16``, ``I;16B``, ...) maps 0..65535 to 0..255. ``I`` (32-bit integers) is read as
+    8-bit values when they all lie in 0..255, as 16-bit ones when in 0..65535, else stretched from
+    its minimum to its maximum; ``F`` (float) likewise as [0, 1], then 0..255, then stretched.
+    Alpha is dropped, not composited (``P`` with transparency goes through RGBA, so Pillow does
+    not warn); every other mode is Pillow's conversion.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return Image.fromarray(_to_8bit(np.asarray(img), mode)).convert("RGB")
+    if mode in ("P", "PA") and (mode == "PA" or "transparency" in img.info):
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
+    """One grey channel of a wide mode as uint8 (see :func:`_to_rgb`)."""
+    if mode.startswith("I;16"):  # unsigned 16-bit, either byte order
+        return _LUT16[a.astype(np.uint16, copy=False)]
+    if a.size == 0:
+        return np.zeros(a.shape, np.uint8)
+    if mode == "F" and not np.isfinite(a).all():
+        raise ValueError("float image contains NaN or inf")
+    lo, hi = float(a.min()), float(a.max())
+    ranges = ((1, 255.0), (255, 1.0)) if mode == "F" else ((255, 1.0), (65535, 255 / 65535))  # (top, scale)
+    scale = next((scale for top, scale in ranges if lo >= 0 and hi <= top), None)
+    if scale is None:  # outside every usual range: stretch what is there over 0..255
+        scale = 255 / (hi - lo) if hi > lo else 0.0
+    else:
+        lo = 0.0
+    out = (a.astype(np.float32) - np.float32(lo)) * np.float32(scale)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+_LUT16 = np.rint(np.arange(65536) * (255 / 65535)).astype(np.uint8)
 
 
 def _array_to_pil(a: np.ndarray | torch.Tensor, source: str) -> Image.Image:
