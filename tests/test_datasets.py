@@ -227,7 +227,7 @@ def test_from_csv_reads_a_numeric_column_with_text_cells_per_cell(tmp_path):
     assert df.loc[0, "note"] == "x" and pd.isna(df.loc[4, "note"])
     bad = {}
     _, labelled = mh.Regression().encode(df["age"], name="age", bad=bad)
-    assert list(bad) == [2] and "got 'abc'" in bad[2] and labelled.sum() == 7  # row 4 is unlabelled, not bad
+    assert list(bad) == [2] and "got 'abc'" in bad[2].message and labelled.sum() == 7  # row 4: unlabelled, not bad
 
 
 # ---------------------------------------------------------------- shapes

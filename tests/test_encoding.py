@@ -117,7 +117,7 @@ def test_prepare_lists_skipped_rows_of_both_parts_named_as_in_the_users_table():
     df.loc[[kept[-1], held[0]], "race"] = "zebra"
     with pytest.warns(UserWarning, match="skipped 2 bad rows"):
         data = prepare(df, 0.25, make_heads(), seed=0, on_bad="skip")
-    named = sorted((b["row"], b.get("split", "train")) for b in data.bad)
+    named = sorted((b.row, b.split or "train") for b in data.bad)
     assert named == sorted([(int(held[0]), "validation"), (int(kept[-1]), "train")])
     assert (len(data.train), len(data.validation)) == (29, 9)
 
@@ -133,7 +133,7 @@ def test_a_dataframe_with_its_own_index_is_named_by_index_label():
         prepare(df, None, make_heads())
     with pytest.warns(UserWarning):
         data = prepare(df, 0.2, make_heads(), seed=0, on_bad="skip")
-    assert [b["row"] for b in data.bad] == ["p7"] and "row 'p7' (index label)" in data.bad[0]["reason"]
+    assert [b.row for b in data.bad] == ["p7"] and "row 'p7' (index label)" in data.bad[0].message
 
 
 def test_an_integer_index_names_its_labels_even_inside_a_validation_split():

@@ -120,7 +120,7 @@ def test_bad_rows_are_skipped_and_listed(net, table, tmp_path):
     table["race"][5] = "Martian"
     report = evaluate_report(net, table, tmp_path, inputs="x")
     assert report["rows"] == 5
-    assert len(report["skipped"]) == 1 and "Martian" in report["skipped"][0]["reason"]
+    assert len(report["skipped"]) == 1 and "Martian" in report["skipped"][0]["message"]
     assert "skipped 1 unreadable or invalid rows" in (tmp_path / "report.md").read_text()
     table["race"] = ["Martian"] * 6
     with pytest.raises(ValueError, match="no usable rows"):

@@ -208,7 +208,7 @@ def test_one_text_cell_in_a_numeric_column_costs_only_its_row(tmp_path):
         mh.fit(net, df, **options)
     with pytest.warns(UserWarning, match=r"skipped 1 bad rows \(label not a number: 1\)"):
         result = mh.fit(net, df, on_bad="skip", **options)
-    assert [item["row"] for item in result.skipped] == [37]
+    assert [item.row for item in result.skipped] == [37]
     assert result.history["train/age/labels"].iloc[0] == 169
 
 

@@ -12,12 +12,12 @@ from manyheads import images
 from manyheads.images import (
     Augment,
     BadImageError,
-    BadItem,
     build_cache,
     load_rgb,
     looks_like_images,
     normalize,
 )
+from manyheads.rows import BadRow
 
 
 def picture(h=40, w=60, seed=0):
@@ -154,11 +154,12 @@ def test_build_cache_error_and_skip(tmp_path):
         build_cache(items, 16, workers=1, progress=False)
     cache = build_cache(items, 16, workers=1, progress=False, on_bad="skip")
     assert cache.kept.tolist() == [0, 2, 4] and cache.images.shape == (3, 3, 16, 16)
-    assert cache.bad == [
-        BadItem(1, str(tmp_path / "missing.jpg"), bad[tmp_path / "missing.jpg"]),
-        BadItem(3, str(tmp_path / "half.jpg"), "truncated JPEG"),
-        BadItem(5, "item 5", "missing value"),
+    assert [(b.row, b.source, b.reason) for b in cache.bad] == [
+        (1, str(tmp_path / "missing.jpg"), bad[tmp_path / "missing.jpg"].split(" (")[0]),
+        (3, str(tmp_path / "half.jpg"), "truncated JPEG"),
+        (5, "item 5", "missing value"),
     ]
+    assert cache.bad[0].message == f"{tmp_path / 'missing.jpg'}: {bad[tmp_path / 'missing.jpg']}"
     for row, index in enumerate(cache.kept.tolist()):
         assert torch.equal(cache.images[row], load_rgb(items[index], 16))
 
@@ -171,7 +172,7 @@ def test_process_pool_matches_in_process(tmp_path):
     serial = build_cache(items, 8, workers=1, progress=False, on_bad="skip")
     pooled = build_cache(items, 8, workers=2, progress=False, on_bad="skip")
     assert torch.equal(serial.images, pooled.images) and torch.equal(serial.kept, pooled.kept)
-    assert [b.index for b in pooled.bad] == [10, 50] and pooled.bad == serial.bad
+    assert [b.row for b in pooled.bad] == [10, 50] and pooled.bad == serial.bad
     with pytest.raises(BadImageError, match="on_bad='skip'"):
         build_cache(items, 8, workers=2, progress=False)
 
@@ -190,7 +191,8 @@ def test_cache_is_reused_without_decoding(tmp_path, monkeypatch):
         second = build_cache(items, 16, cache_dir=tmp_path / "c", workers=1, progress=False, on_bad="skip")
     assert calls == []
     assert torch.equal(first.images, second.images) and torch.equal(second.kept, torch.tensor([0, 1, 2, 3]))
-    assert second.bad == first.bad == [BadItem(4, str(tmp_path / "missing.png"), "file not found")]
+    missing = str(tmp_path / "missing.png")
+    assert second.bad == first.bad == [BadRow(4, "file not found", f"{missing}: file not found", source=missing)]
     second.images[0] += 1  # copy-on-write: the file keeps the decoded pixels
     assert torch.equal(
         build_cache(items, 16, cache_dir=tmp_path / "c", progress=False, on_bad="skip").images, first.images

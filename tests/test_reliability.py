@@ -129,11 +129,11 @@ def test_skip_drops_every_bad_row_counts_reasons_and_lists_them(folder):
 
     expected = {row: kind for row, (_, _, kind) in bad_labels.items()}
     expected |= {images.index(path): kind for path, kind in bad_images.items()}
-    assert {item["row"]: item["kind"] for item in result.skipped} == expected
-    for item in result.skipped:  # the full reason names the file, or the head, column and row
-        path = images[item["row"]]
-        assert path in item["reason"] if path in bad_images else f"row {item['row']}: " in item["reason"]
-    assert json.loads((run_dir / "summary.json").read_text())["skipped"] == result.skipped
+    assert {item.row: item.reason for item in result.skipped} == expected
+    for item in result.skipped:  # the full message names the file, or the head, column and row
+        path = images[item.row]
+        assert path in item.message if path in bad_images else f"row {item.row}: " in item.message
+    assert json.loads((run_dir / "summary.json").read_text())["skipped"] == [b.as_dict() for b in result.skipped]
 
     messages = [str(w.message) for w in caught if "on_bad='skip'" in str(w.message)]
     assert len(messages) == 1 and f"skipped {len(expected)} bad rows" in messages[0]
@@ -173,7 +173,7 @@ def test_nan_and_inf_in_tensor_inputs():
         mh.fit(net, table, epochs=1, progress=False)
     with pytest.warns(UserWarning, match=r"input NaN or inf: 2"):
         result = mh.fit(net, table, epochs=1, progress=False, on_bad="skip")
-    assert [item["row"] for item in result.skipped] == [7, 11]
+    assert [item.row for item in result.skipped] == [7, 11]
     assert result.history["train/y/labels"].iloc[0] == 38
     assert math.isfinite(result.history["train/y/loss"].iloc[0])
 
@@ -191,9 +191,9 @@ def test_with_a_validation_fraction_rows_are_named_as_in_the_users_table():
         mh.fit(net, table, **options)
     with pytest.warns(UserWarning, match="label not a number: 2"):
         result = mh.fit(net, table, on_bad="skip", **options)
-    named = sorted(item["row"] for item in result.skipped)
+    named = sorted(item.row for item in result.skipped)
     assert named == sorted([int(train_rows[-1]), int(val_rows[-1])])
-    assert all(f"row {item['row']}: " in item["reason"] for item in result.skipped)
+    assert all(f"row {item.row}: " in item.message for item in result.skipped)
 
 
 def test_when_every_row_is_bad_training_says_so(folder):

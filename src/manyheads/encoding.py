@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from manyheads import images as imaging
-from manyheads.heads import Head, Reason
+from manyheads.heads import Head
+from manyheads.rows import BadRow, RowError
 
 Table = dict[str, Any]
 
@@ -179,15 +180,15 @@ def input_column(table: Table, heads: Mapping[str, Head], inputs: str | None) ->
 class Encoded:
     """Inputs and targets as tensors. Images are uint8 [N, 3, S, S].
 
-    ``bad`` lists dropped rows as ``{"row", "kind", "reason"}``: ``kind`` is a short reason to
-    count by ("truncated JPEG", "label not a number"), ``reason`` the full message.
+    ``bad`` lists dropped rows as :class:`~manyheads.rows.BadRow` records, named as the user's table
+    names them, each with a short reason to count by ("truncated JPEG") and the full message.
     """
 
     inputs: torch.Tensor
     targets: dict[str, torch.Tensor]
     labelled: dict[str, torch.Tensor]
     images: bool = False
-    bad: list[dict] = field(default_factory=list)
+    bad: list[BadRow] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -203,7 +204,9 @@ class Encoded:
         )
 
 
-def _numeric_inputs(column: Any, name: str, bad: dict[int, str] | None, row_numbers: Sequence[RowName]) -> torch.Tensor:
+def _numeric_inputs(
+    column: Any, name: str, bad: dict[int, BadRow] | None, row_numbers: Sequence[RowName]
+) -> torch.Tensor:
     try:
         if isinstance(column, torch.Tensor):
             inputs = column.float()
@@ -214,9 +217,10 @@ def _numeric_inputs(column: Any, name: str, bad: dict[int, str] | None, row_numb
     finite = torch.isfinite(inputs.reshape(inputs.shape[0], -1)).all(dim=1)
     for position in (~finite).nonzero().flatten().tolist():
         row = row_numbers[position]
+        error = RowError(f"input column {name!r}, row {row}: contains NaN or inf", "input NaN or inf")
         if bad is None:
-            raise ValueError(f"input column {name!r}, row {row}: contains NaN or inf (on_bad='skip' drops such rows)")
-        bad.setdefault(position, Reason(f"input column {name!r}, row {row}: NaN or inf", "input NaN or inf"))
+            raise RowError(f"{error} (on_bad='skip' drops such rows)", error.reason)
+        bad.setdefault(position, error.bad_row(row))
     return inputs
 
 
@@ -242,7 +246,7 @@ def encode(
     """
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
-    bad: dict[int, str] | None = {} if on_bad == "skip" else None  # position -> reason
+    bad: dict[int, BadRow] | None = {} if on_bad == "skip" else None  # position -> record
     column = table[input_name]
     is_images = imaging.looks_like_images(column)
     if is_images:
@@ -251,8 +255,8 @@ def encode(
         cache = imaging.ready_cache(column, image_size) or imaging.build_cache(
             list(column), image_size, cache_dir=cache_dir, workers=workers, progress=progress, on_bad=on_bad
         )
-        for item in cache.bad:  # "corrupt JPEG (broken data stream...)" counts as "corrupt JPEG"
-            bad[item.index] = Reason(f"{item.source}: {item.reason}", item.reason.split(" (")[0])
+        for item in cache.bad:  # the cache names items by position
+            bad[item.row] = item
     else:
         rows_named = row_numbers if row_numbers is not None else range(n_rows(table))
         inputs = _numeric_inputs(column, input_name, bad, rows_named)
@@ -275,12 +279,8 @@ def encode(
         {k: v[rows] if bad else v for k, v in labelled.items()},
         images=is_images,
         bad=[
-            {
-                "row": _recorded(row_numbers[i]) if row_numbers is not None else i,
-                "kind": getattr(reason, "kind", "bad row"),
-                "reason": str(reason),
-            }
-            for i, reason in sorted((bad or {}).items())
+            record.at(_recorded(row_numbers[i]) if row_numbers is not None else i)
+            for i, record in sorted((bad or {}).items())
         ],
     )
 
@@ -303,13 +303,13 @@ def fits_on_device(*sets: Encoded | None, device: torch.device, share: float = 0
 class Prepared:
     """What :func:`prepare` returns: the encoded training and validation sets, and the rows it skipped.
 
-    ``bad`` lists skipped rows (``on_bad="skip"``) as ``{"row", "kind", "reason"}``, validation
-    rows with ``"split": "validation"``; ``input_column`` is the column the inputs came from.
+    ``bad`` lists skipped rows (``on_bad="skip"``) as :class:`~manyheads.rows.BadRow` records, those
+    of the validation data with ``split="validation"``; ``input_column`` is the column the inputs came from.
     """
 
     train: Encoded
     validation: Encoded | None
-    bad: list[dict]
+    bad: list[BadRow]
     input_column: str
 
     def on(self, device: torch.device) -> Prepared:
@@ -338,15 +338,15 @@ def _part(names: list[IndexLabel] | None, rows: np.ndarray) -> list[RowName]:
     return rows.tolist() if names is None else [names[i] for i in rows]
 
 
-def _warn_skipped(bad: list[dict]) -> None:
-    kinds = ", ".join(f"{kind}: {n}" for kind, n in Counter(b["kind"] for b in bad).most_common())
+def _warn_skipped(bad: list[BadRow]) -> None:
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in Counter(b.reason for b in bad).most_common())
     warnings.warn(
-        f"on_bad='skip': skipped {len(bad)} bad rows ({kinds}), e.g. {bad[0]['reason']}; result.skipped lists all",
+        f"on_bad='skip': skipped {len(bad)} bad rows ({reasons}), e.g. {bad[0].message}; result.skipped lists all",
         stacklevel=4,  # fit's caller
     )
 
 
-def _check_trainable(data: Encoded, heads: Mapping[str, Head], bad: list[dict], allow_unlabelled: bool, warn: bool):
+def _check_trainable(data: Encoded, heads: Mapping[str, Head], bad: list[BadRow], allow_unlabelled: bool, warn: bool):
     """Refuse training data that cannot train: no rows, one row, or (unless allowed) a head without labels."""
     after = " left after skipping bad rows" if bad else ""
     if len(data) == 0:
@@ -409,7 +409,7 @@ def prepare(
     val_data = None
     if val_table is not None:
         val_data = encode(val_table, heads, input_name, row_numbers=val_names, **encode_options)
-    bad = train_data.bad + ([{**b, "split": "validation"} for b in val_data.bad] if val_data else [])
+    bad = train_data.bad + ([b.at(b.row, "validation") for b in val_data.bad] if val_data else [])
     if bad and warn:
         _warn_skipped(bad)
     _check_trainable(train_data, heads, bad, allow_unlabelled_heads, warn)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from manyheads.rows import BadRow, RowError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -31,21 +33,23 @@ _SKIP_HINT = "pass on_bad='skip' to drop unreadable images and list them in .bad
 _GRAY = (0.299, 0.587, 0.114)
 
 
-class BadImageError(ValueError):
-    """An image that cannot be decoded: ``raise BadImageError("a.jpg", "zero-byte file")``."""
+class BadImageError(RowError):
+    """An image that cannot be decoded: ``raise BadImageError("a.jpg", "zero-byte file")``.
 
-    def __init__(self, source: str, reason: str, hint: str = "") -> None:
-        self.source, self.reason = source, reason
-        super().__init__(f"{source}: {reason}" + (f" ({hint})" if hint else ""))
+    ``detail`` is what went wrong ("corrupt JPEG (broken data stream)"), ``reason`` its short form.
+    """
+
+    def __init__(self, source: str, detail: str, hint: str = "") -> None:
+        super().__init__(f"{source}: {detail}" + (f" ({hint})" if hint else ""), detail.split(" (")[0])
+        self.source, self.detail = source, detail
+
+    def bad_row(self, row: Any) -> BadRow:
+        return BadRow(row, self.reason, f"{self.source}: {self.detail}", source=self.source)
 
 
-@dataclass(frozen=True)
-class BadItem:
-    """An item left out by ``build_cache(..., on_bad="skip")``: ``BadItem(3, "a.jpg", "not an image")``."""
-
-    index: int
-    source: str
-    reason: str
+def _bad_item(index: int, source: str, detail: str) -> BadRow:
+    """The record of an item the cache leaves out (``row`` is its position among the items)."""
+    return BadImageError(source, detail).bad_row(index)
 
 
 @dataclass
@@ -58,7 +62,7 @@ class ImageCache:
 
     images: torch.Tensor
     kept: torch.Tensor
-    bad: list[BadItem]
+    bad: list[BadRow]
 
 
 def load_rgb(item: Any, size: int) -> torch.Tensor:
@@ -205,13 +209,13 @@ def _array_to_pil(a: np.ndarray | torch.Tensor, source: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
-def _decode_all(items: list[Any], size: int, sources: list[str]) -> list[np.ndarray | BadItem]:
-    out: list[np.ndarray | BadItem] = []
+def _decode_all(items: list[Any], size: int, sources: list[str]) -> list[np.ndarray | BadRow]:
+    out: list[np.ndarray | BadRow] = []
     for item, source in zip(items, sources):
         try:
             out.append(_decode(item, size, source))
         except BadImageError as e:
-            out.append(BadItem(-1, e.source, e.reason))
+            out.append(e.bad_row(-1))
     return out
 
 
@@ -274,7 +278,7 @@ def build_cache(
         del out
         # The sidecar is written last, so a cache file without a matching sidecar is never trusted.
         os.replace(tmp, npy)
-        bad_rows = [[b.index, b.source, b.reason] for b in bad]
+        bad_rows = [[b.row, b.source, b.message.removeprefix(f"{b.source}: ")] for b in bad]
         tmp_meta.write_text(json.dumps({"key": key, "kept": kept.tolist(), "bad": bad_rows}))
         os.replace(tmp_meta, meta)
     finally:
@@ -288,16 +292,16 @@ def build_cache(
 
 def _fill(
     out: np.ndarray, items: list[Any], size: int, workers: int | None, progress: bool, on_bad: str
-) -> tuple[torch.Tensor, list[BadItem]]:
+) -> tuple[torch.Tensor, list[BadRow]]:
     n = len(items)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    bad: list[BadItem] = []
+    bad: list[BadRow] = []
 
-    def store(i: int, res: np.ndarray | BadItem) -> None:
-        if isinstance(res, BadItem):
+    def store(i: int, res: np.ndarray | BadRow) -> None:
+        if isinstance(res, BadRow):
             if on_bad == "error":
-                raise BadImageError(res.source, res.reason, _SKIP_HINT)
-            bad.append(BadItem(i, res.source, res.reason))
+                raise BadImageError(res.source, res.message.removeprefix(f"{res.source}: "), _SKIP_HINT)
+            bad.append(res.at(i))
         else:
             out[i] = res
 
@@ -323,8 +327,8 @@ def _fill(
                     bar.update(len(futures[fut]))
             finally:
                 pool.shutdown(cancel_futures=True)
-    bad.sort(key=lambda b: b.index)
-    dropped = {b.index for b in bad}
+    bad.sort(key=lambda b: b.row)
+    dropped = {b.row for b in bad}
     return torch.tensor([i for i in range(n) if i not in dropped], dtype=torch.int64), bad
 
 
@@ -357,7 +361,7 @@ def _open_cached(npy: Path, meta: Path, key: str, size: int) -> ImageCache | Non
     if arr.dtype != np.uint8 or arr.shape != (len(info["kept"]), 3, size, size):
         return None
     kept = torch.tensor(info["kept"], dtype=torch.int64)
-    return ImageCache(torch.from_numpy(arr), kept, [BadItem(*b) for b in info["bad"]])
+    return ImageCache(torch.from_numpy(arr), kept, [_bad_item(*b) for b in info["bad"]])
 
 
 @dataclass(kw_only=True)

@@ -14,6 +14,7 @@ import pandas as pd
 
 from manyheads.losses import ResolvedLosses
 from manyheads.net import MultiHeadNet
+from manyheads.rows import BadRow
 
 
 @dataclass
@@ -25,7 +26,7 @@ class TrainResult:
     losses: ResolvedLosses
     best_epoch: int | None = None
     monitor: str = "val/total/loss"
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[BadRow] = field(default_factory=list)  # rows on_bad='skip' left out
     seed: int | None = None
     best_per_head: dict[str, dict] = field(default_factory=dict)  # head -> {"epoch", "state"}
 
@@ -57,7 +58,7 @@ class TrainResult:
             "monitor": self.monitor,
             "seed": self.seed,
             "losses": {name: loss.describe() for name, loss in self.losses.items()},
-            "skipped": self.skipped,
+            "skipped": [row.as_dict() for row in self.skipped],
             "best_epoch_per_head": {head: best["epoch"] for head, best in self.best_per_head.items()},
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

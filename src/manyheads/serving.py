@@ -113,7 +113,7 @@ def _decode(blob: bytes, name: str, size: int, max_pixels: int = MAX_PIXELS) -> 
             file.write(blob)
         return images.load_rgb(tmp, size).numpy()
     except images.BadImageError as error:
-        raise HTTPException(400, f"{name}: {error.reason}") from None
+        raise HTTPException(400, f"{name}: {error.detail}") from None
     except Image.DecompressionBombError:
         raise HTTPException(413, f"{name}: too many pixels (Pillow's decompression-bomb limit)") from None
     except Exception as error:  # untrusted bytes: any decoder failure is the request's fault

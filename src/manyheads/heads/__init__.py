@@ -13,8 +13,6 @@ from manyheads.heads.base import (
     Classifier,
     Encoded,
     Head,
-    LabelError,
-    Reason,
     head_from_spec,
     is_missing,
     register,
@@ -30,6 +28,6 @@ from manyheads.heads.regression import Regression
 KINDS = REGISTRY  # the earlier name
 
 __all__ = [
-    "KINDS", "REGISTRY", "Binary", "Categorical", "Classifier", "Distribution", "Encoded", "Head", "LabelError",
-    "MultiLabel", "Ordinal", "Reason", "Regression", "head_from_spec", "is_missing", "register", "row_error",
+    "KINDS", "REGISTRY", "Binary", "Categorical", "Classifier", "Distribution", "Encoded", "Head", "MultiLabel",
+    "Ordinal", "Regression", "head_from_spec", "is_missing", "register", "row_error",
 ]  # fmt: skip

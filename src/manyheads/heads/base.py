@@ -1,4 +1,4 @@
-"""The head-kind interface, the shared classifier base, row errors and the registry of kinds.
+"""The head-kind interface, the shared classifier base, the error for a bad target, and the registry of kinds.
 
 A head kind says what one output of a multi-head net predicts and answers for itself everything
 that depends on that: its output size and layer shape, how a column of targets is encoded (with
@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from manyheads.rows import BadRow, RowError
 
 Encoded = tuple[torch.Tensor, torch.Tensor]  # (target, labelled mask)
 NOT_A_NUMBER, NOT_A_LABEL = "label not a number", "label not in the head's labels"  # short reasons to count by
@@ -83,28 +85,9 @@ def is_missing(value: Any) -> bool:
         return False
 
 
-class LabelError(ValueError):
-    """A target value a head cannot encode; ``kind`` is the short reason that skip counts group by."""
-
-    def __init__(self, message: str, kind: str = "bad label") -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-class Reason(str):
-    """A skip reason (the full message) that also carries its short ``kind``, e.g. "label not a number"."""
-
-    kind: str
-
-    def __new__(cls, message: str, kind: str = "bad label") -> Reason:
-        reason = super().__new__(cls, message)
-        reason.kind = kind
-        return reason
-
-
-def row_error(head: str, column: str, row: Any, message: str, kind: str = "bad label") -> LabelError:
-    """The error for one bad target: ``head 'age', column 'age', row 7: ...``."""
-    return LabelError(f"head {head!r}, column {column!r}, row {row}: {message}", kind)
+def row_error(head: str, column: str, row: Any, message: str, reason: str = "bad label") -> RowError:
+    """The error for one bad target: ``head 'age', column 'age', row 7: ...``; ``reason`` is the short form."""
+    return RowError(f"head {head!r}, column {column!r}, row {row}: {message}", reason)
 
 
 def _as_list(values: Any) -> list:
@@ -171,10 +154,11 @@ class Head:
     ) -> Encoded:
         """Encode a column into ``(target, labelled)``; missing labels get a placeholder.
 
-        A value that cannot be encoded raises ``ValueError`` naming head, column and row, or,
-        when a ``bad`` dict is given, is recorded there (position -> reason, a :class:`Reason`
-        str) and left unlabelled. Messages name ``row_numbers[position]`` when given (the row
-        in the user's table when ``values`` is a part of it), else the position.
+        A value that cannot be encoded raises a :class:`~manyheads.rows.RowError` naming head,
+        column and row, or, when a ``bad`` dict is given, is recorded there (position ->
+        :class:`~manyheads.rows.BadRow`) and left unlabelled. Messages name
+        ``row_numbers[position]`` when given (the row in the user's table when ``values`` is a
+        part of it), else the position.
         """
         values = _as_list(values)
         column = column or name
@@ -192,7 +176,8 @@ class Head:
             except ValueError as error:
                 if bad is None:
                     raise
-                bad.setdefault(position, Reason(str(error), getattr(error, "kind", "bad label")))
+                record = error.bad_row(row) if isinstance(error, RowError) else BadRow(row, "bad label", str(error))
+                bad.setdefault(position, record)
                 targets.append(self._placeholder())
                 labelled.append(False)
         target = torch.tensor(np.array(targets), dtype=self._target_dtype)

@@ -131,9 +131,10 @@ def evaluate_report(
     encoded = encoding.encode(table, heads, input_name, image_size=size, on_bad="skip")
     if len(encoded) == 0:
         raise ValueError(f"no usable rows to evaluate: all {encoding.n_rows(table)} were skipped, "
-                         f"e.g. {encoded.bad[0]['reason'] if encoded.bad else '?'}")  # fmt: skip
+                         f"e.g. {encoded.bad[0].message if encoded.bad else '?'}")  # fmt: skip
     raw = {name: out.cpu() for name, out in raw_outputs(net, encoded, batch_size=batch_size).items()}
-    report: dict[str, Any] = {"title": title, "note": note, "rows": len(encoded), "skipped": encoded.bad,
+    skipped = [row.as_dict() for row in encoded.bad]
+    report: dict[str, Any] = {"title": title, "note": note, "rows": len(encoded), "skipped": skipped,
                               "heads": {}, "by_range": {}, "confusion": {}, "fairness": {}}  # fmt: skip
     for name, head in heads.items():
         keep = encoded.labelled[name]
