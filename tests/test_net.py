@@ -89,3 +89,59 @@ def test_hidden_for_every_head_trains(table):
 def test_bad_hidden_settings_are_refused(hidden, message):
     with pytest.raises(ValueError, match=message):
         mh.MultiHeadNet(nn.Linear(4, 8), HEADS, hidden=hidden)
+
+
+def _saved_with_spec(tmp_path, edit, weights=None):
+    """A real model file whose JSON spec (or weights) were edited afterwards, as a damaged file would be."""
+    import json
+
+    from safetensors.torch import save_file
+
+    net = conv_net()
+    path = net.save(tmp_path / "good.safetensors")
+    spec = mh.net.read_spec(path)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    if weights is not None:
+        weights(state)
+    text = edit(spec) if callable(edit) else edit
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(state, str(damaged), metadata={"manyheads": text if isinstance(text, str) else json.dumps(text)})
+    return damaged
+
+
+def _with(spec, **changes):
+    return {**spec, **changes}
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda s: "{not json", "not valid JSON"),
+        (lambda s: [], "a list, not a mapping"),
+        (lambda s: {}, "'heads' field"),
+        (lambda s: _with(s, heads={"age": s["heads"]["age"]}), "do not fit the net"),  # a head fewer
+        (lambda s: _with(s, heads={**s["heads"], "race": {"kind": "categorical", "labels": ["a", "b"]}}),
+         "do not fit the net"),  # labels of the wrong length
+        (lambda s: _with(s, heads={**s["heads"], "race": {"kind": "shape"}}), "unknown head kind 'shape'"),
+        (lambda s: _with(s, heads={"../../etc/x": s["heads"]["age"]}), "head name '../../etc/x' is not allowed"),
+        (lambda s: _with(s, backbone="resnet999"), "unknown backbone 'resnet999'"),
+        (lambda s: _with(s, backbone=7), "'backbone' field"),
+        (lambda s: _with(s, image_size=10**7), "image_size must be a whole number of pixels in \\[8, 4096\\]"),
+        (lambda s: _with(s, image_size=-3), "image_size must be a whole number of pixels in \\[8, 4096\\]"),
+    ],
+)
+def test_a_damaged_model_file_is_refused_in_one_line_naming_the_file_and_field(tmp_path, edit, field):
+    path = _saved_with_spec(tmp_path, edit)
+    with pytest.raises(ValueError, match=field) as caught:
+        mh.load(path, trunk=small_trunk())
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_model_with_non_finite_weights_is_refused_at_load_naming_it(tmp_path):
+    def poison(state):
+        state["head_layers.gender.linear.weight"][0, 0] = float("nan")
+
+    path = _saved_with_spec(tmp_path, lambda s: s, weights=poison)
+    with pytest.raises(ValueError, match=r"damaged.safetensors: the weights hold NaN or inf \(in \['head_layers"):
+        mh.load(path, trunk=small_trunk())
+    mh.load(tmp_path / "good.safetensors", trunk=small_trunk())  # the same file with finite weights loads
