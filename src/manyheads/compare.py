@@ -108,20 +108,19 @@ def _rows(heads: dict[str, Head], label: str, seed: int, joint: dict, singles: d
     """Table rows of one joint model against the single-head models of the same seed."""
     rows = []
     for head, kind in heads.items():
-        prefix = f"test/{head}/"
         names = [kind.primary]
         if all_metrics:
-            names += [k[len(prefix) :] for k in joint["scores"] if k.startswith(prefix)]
+            names += [c.metric for k in joint["scores"] if (c := columns.parse(k)) and c[:2] == ("test", head)]
             names = list(dict.fromkeys(n for n in names if n != "labels"))
         for metric in names:
-            joint_value = joint["scores"].get(prefix + metric, float("nan"))
-            single_value = singles[head]["scores"].get(prefix + metric, float("nan"))
+            joint_value = joint["scores"].get(columns.name("test", head, metric), float("nan"))
+            single_value = singles[head]["scores"].get(columns.name("test", head, metric), float("nan"))
             higher = metric not in LOWER_IS_BETTER
             rows.append({
                 "head": head, "metric": metric, "strategy": label, "seed": seed,
                 "joint": joint_value, "single": single_value,
                 "difference": (joint_value - single_value) if higher else (single_value - joint_value),
-                "higher_is_better": higher, "test_labels": joint["scores"].get(prefix + "labels", 0),
+                "higher_is_better": higher, "test_labels": joint["scores"].get(columns.name("test", head, "labels"), 0),
                 "joint_seconds": joint["seconds"], "single_seconds": singles[head]["seconds"],
                 "singles_seconds": sum(s["seconds"] for s in singles.values()), "joint_params": joint["params"],
                 "single_params": singles[head]["params"], "singles_params": sum(s["params"] for s in singles.values()),

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from manyheads import validation
+from manyheads import columns, validation
 from manyheads.heads import Head, head_from_spec
 
 SOURCES = ("utkface", "fairface", "csv", "shapes")  # the data sources runs.load_table reads
@@ -260,9 +260,8 @@ class RunConfig(_Section):
                 )
         monitored = [self.train.monitor] if isinstance(self.train.monitor, str) else list(self.train.monitor or [])
         for column in monitored:
-            parts = column.split("/")
-            named = parts[1] if parts[0] in ("val", "train") and len(parts) > 1 else parts[0]
-            if named not in self.heads and named != "total":
+            named = columns.head_of(column)
+            if named not in self.heads and named != columns.TOTAL:
                 raise ValueError(f"train.monitor {column!r} names no head; heads: {sorted(self.heads)}")
         if self.data.inputs in self.heads:
             raise ValueError(f"data.inputs {self.data.inputs!r} is also a head name")

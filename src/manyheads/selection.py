@@ -45,7 +45,7 @@ class Selector:
         self.weights = {}
         for name, weight in mix.items():
             column = columns.qualify(name, prefix)
-            lower = column.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+            lower = column.rsplit("/", 1)[-1] in LOWER_IS_BETTER  # the metric part of split/head/metric
             # a single metric where higher is better is maximised; a mix is minimised as given
             self.weights[column] = float(weight) if (len(mix) > 1 or lower) else -float(weight)
         self.name = (

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from manyheads import balancing, checkpoint, encoding
+from manyheads import balancing, checkpoint, columns, encoding
 from manyheads import validation as validation_rules  # fit's own `validation` is the validation data
 from manyheads.allocator import keep_freed_memory
 from manyheads.distributed import Cluster
@@ -38,6 +38,7 @@ from manyheads.optim import WeightAverage, build_optimizer
 from manyheads.optim import schedule as lr_schedule
 from manyheads.precision import Precision
 from manyheads.result import TrainResult
+from manyheads.rows import BadRow
 from manyheads.selection import Selector
 from manyheads.state import TrainingState
 
@@ -351,7 +352,7 @@ def _start_epoch(state: TrainingState, epoch: int, trunk_params: list[nn.Paramet
     if frozen:
         net.trunk.eval()  # keep pretrained normalisation statistics while the trunk is frozen
     names = list(net.heads)
-    state.balancer.start_epoch(epoch, [{n: r[f"train/{n}/loss"] for n in names} for r in state.rows])
+    state.balancer.start_epoch(epoch, [{n: r[columns.name("train", n, "loss")] for n in names} for r in state.rows])
 
 
 def _checkpoint_due(step: int, every: int | None, steps: int) -> bool:
@@ -391,16 +392,16 @@ def _train_columns(
     total = 0.0
     for i, (n, head) in enumerate(heads.items()):
         loss_value = tally.loss(i)
-        row[f"train/{n}/loss"] = loss_value
-        row[f"train/{n}/labels"] = tally.labels(i)
+        row[columns.name("train", n, "loss")] = loss_value
+        row[columns.name("train", n, "labels")] = tally.labels(i)
         total += current[n] * (0.0 if math.isnan(loss_value) else loss_value)  # a head without labels adds 0
         if seen:  # over all ranks' rows (every rank holds as many)
             out, target, mask = seen[n]
             mask = cluster.gather(mask.to(torch.uint8)).bool()
             out = cluster.gather(out.float())[mask]
             for key, value in head.metrics(out, cluster.gather(target)[mask]).items():
-                row[f"train/{n}/{key}"] = value
-    row["train/total/loss"] = total
+                row[columns.name("train", n, key)] = value
+    row[columns.name("train", columns.TOTAL, "loss")] = total
     return row
 
 
@@ -415,7 +416,7 @@ def _validation_columns(
 
 def _epoch_columns(current: Mapping[str, float], scheduler, t0: float, skipped: int | None) -> dict[str, Any]:
     """weight/<head>, lr, seconds, and skipped_nonfinite (with ``on_nonfinite="skip"``)."""
-    row: dict[str, Any] = {f"weight/{n}": w for n, w in current.items()}
+    row: dict[str, Any] = {columns.weight(n): w for n, w in current.items()}
     row["lr"] = scheduler.get_last_lr()[-1]
     row["seconds"] = time.perf_counter() - t0
     if skipped is not None:
@@ -430,7 +431,7 @@ def _callbacks_stop(callbacks: list[Callable[[dict], Any]] | None, row: dict) ->
 
 
 def _finish(
-    state: TrainingState, scored: nn.Module, resolved, bad: list[dict], cluster: Cluster, run_dir: Path | None
+    state: TrainingState, scored: nn.Module, resolved, bad: list[BadRow], cluster: Cluster, run_dir: Path | None
 ) -> TrainResult:
     """The net at its best epoch (or the average), the result, and the run folder written (rank 0)."""
     net, selector = state.net, state.selector
@@ -460,12 +461,13 @@ def _progress(total: int, initial: int, epoch: int, epochs: int, enabled: bool):
 def _summary(row: dict, names: list[str]) -> str:
     parts = [f"epoch {row['epoch']}"]
     for n in names:
-        metric = next((k for k in row if k.startswith(f"val/{n}/") and not k.endswith(("/loss", "/labels"))), None)
-        bit = f"{n} {row[f'train/{n}/loss']:.4g}"
-        if metric:
-            bit += f" (val {metric.split('/')[2]} {row[metric]:.4g})"
+        parsed = [columns.parse(k) for k in row]
+        shown = [c for c in parsed if c and c[:2] == ("val", n) and c.metric not in ("loss", "labels")]
+        bit = f"{n} {row[columns.name('train', n, 'loss')]:.4g}"
+        if shown:
+            bit += f" (val {shown[0].metric} {row[columns.name(*shown[0])]:.4g})"
         parts.append(bit)
-    weights = {n: row[f"weight/{n}"] for n in names if f"weight/{n}" in row}
+    weights = {n: row[columns.weight(n)] for n in names if columns.weight(n) in row}
     if any(w != 1 for w in weights.values()):
         parts.append("weights " + " ".join(f"{n}={w:.3g}" for n, w in weights.items()))
     parts.append(f"{row['seconds']:.1f}s")
