@@ -139,6 +139,7 @@ def _predict(args: argparse.Namespace) -> None:
     import torch
 
     from manyheads import images
+    from manyheads.inference import raw_outputs
     from manyheads.net import load
 
     net = load(runs.model_file(args.run))
@@ -149,13 +150,14 @@ def _predict(args: argparse.Namespace) -> None:
     for start in range(0, len(files), 256):  # decoded once, a bounded number at a time
         chunk = files[start : start + 256]
         batch = images.normalize(torch.stack([images.load_rgb(path, net.image_size) for path in chunk]))
-        values, probabilities = net.predict(batch), net.predict_proba(batch)
+        raw = raw_outputs(net, batch)  # one pass: each head's answer and probabilities, as the service gives them
+        answers = {name: head.answers(head.readout(raw[name]).cpu().numpy()) for name, head in net.heads.items()}
         for i, image in enumerate(chunk):
-            entry = {"image": image, "predictions": {name: values[name][i] for name in net.heads}, "probabilities": {}}
-            for name, p in probabilities.items():
-                entry["probabilities"][name] = {
-                    str(label): round(float(v), 6) for label, v in zip(net.heads[name].labels, p[i])
-                }
+            mine = {name: answers[name][i] for name in net.heads}
+            entry = {"image": image, "predictions": {name: a["value"] for name, a in mine.items()}, "probabilities": {
+                name: {label: round(p, 6) for label, p in a["probabilities"].items()}
+                for name, a in mine.items() if "probabilities" in a
+            }}  # fmt: skip
             results.append(entry)
     if args.json:
         print(json.dumps(results, indent=1))
