@@ -7,7 +7,7 @@ import torch
 
 import manyheads as mh
 from manyheads.heads import KINDS, head_from_spec, is_missing
-from manyheads.losses import SUITS, resolve
+from manyheads.losses import resolve
 
 ALL_KINDS = [
     mh.Regression(),
@@ -29,7 +29,7 @@ def test_missing_values():
 @pytest.mark.parametrize("head", ALL_KINDS, ids=repr)
 def test_every_kind_resolves_its_default_loss_and_round_trips(head):
     loss = resolve({"h": head})["h"]
-    assert loss.name == head.default_loss and loss.name in SUITS[head.kind]
+    assert loss.name == head.default_loss and loss.name in head.losses
     rebuilt = head_from_spec(head.spec())
     assert type(rebuilt) is type(head) and rebuilt.spec() == head.spec()
     if head.kind in ("binary", "categorical", "multilabel"):

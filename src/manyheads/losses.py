@@ -119,29 +119,6 @@ ALIASES = {
 VARIANTS: dict[str, PerSample] = {"focal_softmax": _focal_softmax}  # forms a head kind asks for by name
 
 
-class _Suits(Mapping):
-    """Head kind -> the losses that suit it, read from the head registry (for callers that index by kind)."""
-
-    def __getitem__(self, kind: str) -> frozenset[str]:
-        from manyheads.heads import REGISTRY as KINDS
-
-        return KINDS[kind].losses
-
-    def __iter__(self):
-        from manyheads.heads import REGISTRY as KINDS
-
-        return iter(KINDS)
-
-    def __len__(self) -> int:
-        from manyheads.heads import REGISTRY as KINDS
-
-        return len(KINDS)
-
-
-SUITS = _Suits()
-SMOOTHABLE = frozenset({"bce", "cross_entropy", "focal"})
-
-
 def canonical_name(name: str) -> str:
     """A loss name as the registry knows it: ``"L1"`` -> ``"mae"``."""
     return ALIASES.get(name.lower(), name.lower())

@@ -429,19 +429,16 @@ def check_compare_options(
 
 def canonical_loss(name: str) -> str:
     """A loss name as the registry knows it: ``"L1"`` -> ``"mae"``."""
-    from manyheads.losses import ALIASES
+    from manyheads.losses import canonical_name
 
-    key = name.strip().lower()
-    return ALIASES.get(key, key)
+    return canonical_name(name.strip())
 
 
 def suitable_losses(kind: str) -> frozenset[str]:
-    """The registered losses that suit a head kind (the head class's ``losses``, else ``losses.SUITS``)."""
-    from manyheads import losses
+    """The registered losses that suit a head kind (its class's ``losses``)."""
     from manyheads.heads import REGISTRY
 
-    found = getattr(REGISTRY[kind], "losses", None) or losses.SUITS.get(kind)
-    return frozenset(found) if found else frozenset(losses.REGISTRY)
+    return frozenset(REGISTRY[kind].losses)
 
 
 def check_loss(loss: str, kind: str | None = None) -> str:
@@ -460,9 +457,7 @@ def check_loss(loss: str, kind: str | None = None) -> str:
 
 def smoothable_losses(head: Any) -> frozenset[str]:
     """The registered losses that take the soft targets of ``label_smoothing`` on this head."""
-    from manyheads import losses
-
-    return frozenset(getattr(head, "smoothable", None) or losses.SMOOTHABLE)
+    return frozenset(head.smoothable)
 
 
 def check_backbone(name: str) -> str:
