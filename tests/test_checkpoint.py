@@ -302,3 +302,15 @@ def test_a_checkpoint_records_fits_options_and_a_resume_that_changes_one_is_refu
     with pytest.raises(ValueError, match=r"trained with lr=0\.01; this call has lr=0\.02"):
         mh.fit(small_net(), small_table(), epochs=2, lr=0.02, resume=run, **settings)
     assert len(mh.fit(small_net(), small_table(), epochs=2, lr=0.01, resume=run, **settings).history) == 2
+
+
+def test_a_resume_with_other_settings_is_refused_before_the_data_is_encoded(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    mh.fit(small_net(), small_table(), epochs=1, batch_size=8, seed=0, progress=False, run_dir=run)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data stage ran before the resume was checked")
+
+    monkeypatch.setattr("manyheads.encoding.prepare", never)
+    with pytest.raises(ValueError, match=r"trained with batch_size=8; this call has batch_size=16"):
+        mh.fit(small_net(), small_table(), epochs=1, batch_size=16, progress=False, resume=run)

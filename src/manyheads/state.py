@@ -79,20 +79,28 @@ class TrainingState:
             },
         )  # fmt: skip
 
-    def restore(self, saved: Mapping[str, Any], where: Any = "the run folder") -> None:
-        """Load a checkpoint's states into these objects, the RNG states too, and continue where it stopped.
+    @staticmethod
+    def check_resumable(saved: Mapping[str, Any], options: Mapping[str, Any], averaged: bool, where: Any) -> None:
+        """Refuse a resume of ``saved`` with these options before any work (e.g. decoding images) is done.
 
-        Raises ValueError, before anything is loaded, when the run had a weight average and this
-        one has none (or the reverse), or when an option that matters differs from the run's
-        (``validation.check_resume``; checkpoints from before options were recorded are not checked).
+        A ValueError when the run had a weight average and this one has none (or the reverse), or
+        when an option that matters differs from the run's (``validation.check_resume``;
+        checkpoints from before options were recorded are not checked).
         """
-        if (self.average is not None) != ("average" in saved):
+        if averaged != ("average" in saved):
             raise ValueError(
                 f"resume: the run in {where} was started {'with' if 'average' in saved else 'without'} "
                 f"a weight average (ema=); resume it with the same ema= it was started with"
             )
         if "options" in saved:
-            validation.check_resume(json.loads(saved["options"]), self.options, where)
+            validation.check_resume(json.loads(saved["options"]), options, where)
+
+    def restore(self, saved: Mapping[str, Any], where: Any = "the run folder") -> None:
+        """Load a checkpoint's states into these objects, the RNG states too, and continue where it stopped.
+
+        Checks first, as :meth:`check_resumable` does (``fit`` has checked before its data stage).
+        """
+        self.check_resumable(saved, self.options, self.average is not None, where)
         self.net.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])

@@ -142,8 +142,16 @@ def fit(
     saved, run_dir, seed = _resume_point(resume, run_dir, seed, cluster)
     torch.manual_seed(seed)
 
-    # ---- data: table -> encoded tensors, on the device when they fit -----------------------
     image_size = image_size or net.image_size
+    options = validation_rules.options_record(
+        **{name: given[name] for name in RECORDED}, image_size=image_size, inputs=inputs, seed=seed,
+        heads={n: h.spec() for n, h in heads.items()}, losses={n: loss.name for n, loss in resolved.items()},
+        validation=_fraction_or_table(validation),
+    )  # fmt: skip
+    if saved is not None:  # a resume with other settings is refused before the (possibly long) data stage
+        TrainingState.check_resumable(saved, options, ema is not None, run_dir)
+
+    # ---- data: table -> encoded tensors, on the device when they fit -----------------------
     data = encoding.prepare(
         train, validation, heads, inputs=inputs, seed=seed, image_size=image_size, on_bad=on_bad,
         cache_dir=cache_dir, workers=workers, progress=progress and cluster.is_main, warn=cluster.is_main,
@@ -172,14 +180,9 @@ def fit(
     selector = Selector(monitor, data.validation is not None, heads=heads, per_head=keep_best_per_head)
 
     # ---- the resumable state: fresh, or where the run in run_dir stopped ----------------------
-    options = validation_rules.options_record(
-        **{name: given[name] for name in RECORDED}, image_size=image_size, inputs=data.input_column, seed=seed,
-        heads={n: h.spec() for n, h in heads.items()}, losses={n: loss.name for n, loss in resolved.items()},
-        validation=_fraction_or_table(validation),
-    )  # fmt: skip
     state = TrainingState(net, opt, scheduler, balancer, selector, seed, average, options=options, device=device)
     if saved is not None:
-        state.restore(saved, where=run_dir)  # refuses a resume whose options differ (validation.check_resume)
+        state.restore(saved, where=run_dir)
     path = run_dir / checkpoint.NAME if run_dir is not None else None
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -232,7 +235,7 @@ def fit(
 
 # ---- set-up ----------------------------------------------------------------------------------
 
-# fit's options a checkpoint records as given (with the resolved image_size, inputs, seed, heads,
+# fit's options a checkpoint records as given (with the resolved image_size, the given inputs, seed, heads,
 # loss names and validation fraction); a resume that changes one that matters is refused
 RECORDED = (
     "weights", "normalize", "epochs", "batch_size", "lr", "trunk_lr", "weight_decay", "optimizer", "schedule",
