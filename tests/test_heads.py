@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import manyheads as mh
-from manyheads.heads import KINDS, head_from_spec, is_missing
+from manyheads.heads import REGISTRY, head_from_spec, is_missing
 from manyheads.losses import resolve
 
 ALL_KINDS = [
@@ -35,7 +35,7 @@ def test_every_kind_resolves_its_default_loss_and_round_trips(head):
     if head.kind in ("binary", "categorical", "multilabel"):
         smoothed = head_from_spec({**head.spec(), "label_smoothing": 0.1})
         assert smoothed.label_smoothing == 0.1 and head_from_spec(smoothed.spec()).spec() == smoothed.spec()
-    assert {"regression", "binary", "categorical", "ordinal", "multilabel", "distribution"} <= set(KINDS)
+    assert {"regression", "binary", "categorical", "ordinal", "multilabel", "distribution"} <= set(REGISTRY)
 
 
 def test_default_losses_follow_mathematica():

@@ -77,8 +77,22 @@ def score(
         for key, value in head.metrics(out[labelled], target[labelled]).items():
             row[columns.name(prefix, name, key)] = value
         total += (weights or {}).get(name, 1.0) * (0.0 if math.isnan(loss) else loss)
-    row[columns.name(prefix, "total", "loss")] = total
+    row[columns.name(prefix, columns.TOTAL, "loss")] = total
     return row
+
+
+def encode_for(
+    net: torch.nn.Module, data: Any, *, inputs: str | None = None, on_bad: str = "error"
+) -> encoding.Encoded:
+    """A labelled table (a dict of columns, a DataFrame or a Dataset) encoded as ``net`` takes it.
+
+    Its heads' columns become targets and its input column the inputs, at the net's image size.
+
+        encoded = encode_for(net, test_df, on_bad="skip"); outputs = raw_outputs(net, encoded)
+    """
+    table = encoding.columns_of(data, "evaluation data")
+    input_name = encoding.input_column(table, net.heads, inputs)
+    return encoding.encode(table, net.heads, input_name, image_size=getattr(net, "image_size", None), on_bad=on_bad)
 
 
 def evaluate(
@@ -95,9 +109,7 @@ def evaluate(
 
         mh.evaluate(net, test_df)  # {"age": {"mae": 4.8, "rmse": 6.6, "labels": 3029}, "gender": {...}}
     """
-    table = encoding.columns_of(data, "evaluation data")
-    input_name = encoding.input_column(table, net.heads, inputs)
-    encoded = encoding.encode(table, net.heads, input_name, image_size=getattr(net, "image_size", None), on_bad=on_bad)
+    encoded = encode_for(net, data, inputs=inputs, on_bad=on_bad)
     outputs = raw_outputs(net, encoded, batch_size=batch_size)
     scores = {}
     for name, head in net.heads.items():

@@ -25,9 +25,7 @@ from manyheads.heads.multilabel import MultiLabel
 from manyheads.heads.ordinal import Ordinal
 from manyheads.heads.regression import Regression
 
-KINDS = REGISTRY  # the earlier name
-
 __all__ = [
-    "KINDS", "REGISTRY", "Binary", "Categorical", "Classifier", "Distribution", "Encoded", "Head", "MultiLabel",
+    "REGISTRY", "Binary", "Categorical", "Classifier", "Distribution", "Encoded", "Head", "MultiLabel",
     "Ordinal", "Regression", "head_from_spec", "is_missing", "register", "row_error",
 ]  # fmt: skip

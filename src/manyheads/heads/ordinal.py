@@ -57,7 +57,6 @@ class Ordinal(Categorical):
         """Predicted class index: the number of thresholds passed."""
         return (self._above(output) > 0.5).sum(dim=1)
 
-    rank = predicted
 
     def proba(self, output: torch.Tensor) -> torch.Tensor:
         above = self._above(output)

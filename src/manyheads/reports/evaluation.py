@@ -23,7 +23,7 @@ import torch
 
 from manyheads import encoding
 from manyheads.heads import Head
-from manyheads.inference import raw_outputs
+from manyheads.inference import encode_for, raw_outputs
 from manyheads.reports import markdown as md
 from manyheads.reports.plots import pyplot
 
@@ -124,13 +124,10 @@ def evaluate_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = encoding.columns_of(table_or_df, "evaluation data")
     heads = dict(net.heads)
-    input_name = encoding.input_column(table, heads, inputs)
-    size = getattr(net, "image_size", None)
-    encoded = encoding.encode(table, heads, input_name, image_size=size, on_bad="skip")
+    encoded = encode_for(net, table_or_df, inputs=inputs, on_bad="skip")
     if len(encoded) == 0:
-        raise ValueError(f"no usable rows to evaluate: all {encoding.n_rows(table)} were skipped, "
+        raise ValueError(f"no usable rows to evaluate: all {len(encoded.bad)} were skipped, "
                          f"e.g. {encoded.bad[0].message if encoded.bad else '?'}")  # fmt: skip
     raw = {name: out.cpu() for name, out in raw_outputs(net, encoded, batch_size=batch_size).items()}
     skipped = [row.as_dict() for row in encoded.bad]
