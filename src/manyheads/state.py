@@ -8,7 +8,8 @@ and, as ``"options"``, a JSON string of the fit options a resume must agree with
 
     state = TrainingState(net, opt, scheduler, balancer, selector, seed=0, options=options_record(lr=1e-3))
     state.save(run_dir / checkpoint.NAME, epoch=1, step=0, partial=tally.cleared())
-    state.restore(checkpoint.load(run_dir / checkpoint.NAME), where=run_dir)
+    saved = checkpoint.load(run_dir / checkpoint.NAME)
+    TrainingState.check_resumable(saved, state.options, state.average is not None, run_dir); state.restore(saved)
 """
 
 from __future__ import annotations
@@ -95,12 +96,11 @@ class TrainingState:
         if "options" in saved:
             validation.check_resume(json.loads(saved["options"]), options, where)
 
-    def restore(self, saved: Mapping[str, Any], where: Any = "the run folder") -> None:
+    def restore(self, saved: Mapping[str, Any]) -> None:
         """Load a checkpoint's states into these objects, the RNG states too, and continue where it stopped.
 
-        Checks first, as :meth:`check_resumable` does (``fit`` has checked before its data stage).
+        Call :meth:`check_resumable` first (``fit`` does, before its data stage): this only loads.
         """
-        self.check_resumable(saved, self.options, self.average is not None, where)
         self.net.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])

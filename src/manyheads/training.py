@@ -182,7 +182,7 @@ def fit(
     # ---- the resumable state: fresh, or where the run in run_dir stopped ----------------------
     state = TrainingState(net, opt, scheduler, balancer, selector, seed, average, options=options, device=device)
     if saved is not None:
-        state.restore(saved, where=run_dir)
+        state.restore(saved)
     path = run_dir / checkpoint.NAME if run_dir is not None else None
 
     # ---- the loop ---------------------------------------------------------------------------
