@@ -30,6 +30,19 @@ def make_net(seed: int = 0, heads: dict | None = None) -> mh.MultiHeadNet:
     return mh.MultiHeadNet(trunk, heads or make_heads())
 
 
+def half_written_save(error: Exception):
+    """A stand-in for torch.save that writes half the file, then raises ``error``: a crash or a full disk mid-write."""
+    real_save = torch.save
+
+    def save(obj, file, *args, **kwargs):
+        real_save(obj, file, *args, **kwargs)
+        file.seek(file.tell() // 2)
+        file.truncate()  # half a file on disk, then the failure
+        raise error
+
+    return save
+
+
 @pytest.fixture
 def table():
     return make_table()

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import manyheads as mh
+from conftest import half_written_save
 from manyheads import checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -43,15 +44,7 @@ def temp_files(folder: Path) -> list[str]:
 def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / checkpoint.NAME
     checkpoint.save(path, {"model": {"w": torch.ones(3)}, "step": 1})
-    real_save = torch.save
-
-    def crash_halfway(obj, file, *args, **kwargs):
-        real_save(obj, file, *args, **kwargs)
-        file.seek(file.tell() // 2)
-        file.truncate()  # half a file on disk, then the "power cut"
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", crash_halfway)
+    monkeypatch.setattr(torch, "save", half_written_save(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save(path, {"model": {"w": torch.zeros(1000)}, "step": 2})
     monkeypatch.undo()

@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 import manyheads as mh
+from conftest import half_written_save
 from manyheads import checkpoint, serving
 from manyheads.images import load_rgb
 from manyheads.serving import create_app, serve_in_thread
@@ -142,15 +143,7 @@ def test_a_16bit_png_trains_and_predicts_as_its_8bit_twin(tmp_path):
 def test_a_full_disk_says_which_file_and_that_nothing_was_lost(tmp_path, monkeypatch):
     path = tmp_path / checkpoint.NAME
     checkpoint.save(path, {"model": {"w": torch.ones(3)}, "step": 1})
-    real_save = torch.save
-
-    def fill_the_disk(obj, file, *args, **kwargs):
-        real_save(obj, file, *args, **kwargs)
-        file.seek(file.tell() // 2)
-        file.truncate()
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", fill_the_disk)
+    monkeypatch.setattr(torch, "save", half_written_save(OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(checkpoint.DiskFullError) as caught:
         checkpoint.save(path, {"model": {"w": torch.zeros(1000)}, "step": 2})
     message = str(caught.value)
