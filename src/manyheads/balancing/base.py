@@ -78,7 +78,12 @@ class Balancer(nn.Module):
     def backward(self, losses: Mapping[str, torch.Tensor], features: torch.Tensor | None = None) -> None:
         """Back-propagate the objective (multiplied by ``self.scale`` under fp16)."""
         total = self.objective(losses)
-        if isinstance(total, torch.Tensor) and total.requires_grad:  # else every head is weighted 0
+        if isinstance(total, torch.Tensor):
+            self.backprop(total)
+
+    def backprop(self, total: torch.Tensor) -> None:
+        """``total.backward()``, the loss multiplied by ``self.scale`` under fp16; nothing when no head takes part."""
+        if total.requires_grad:  # else every head is weighted 0
             (self.scale(total) if self.scale else total).backward()
 
     def extra_repr(self) -> str:

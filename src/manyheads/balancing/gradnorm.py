@@ -65,9 +65,7 @@ class GradNorm(Balancer):
         values = torch.stack([loss.detach().float() for loss in based])
         if features.requires_grad:  # a frozen trunk leaves no shared gradient: weights stay as they are
             self._weights_gradient(based, values, features)
-        total = sum(wh * loss for wh, loss in zip(w, based))
-        if total.requires_grad:
-            (self.scale(total) if self.scale else total).backward()
+        self.backprop(sum(wh * loss for wh, loss in zip(w, based)))
 
     def _weights_gradient(self, based, values, features) -> None:
         """Set ``task_weights.grad`` to the gradient of GradNorm's loss (no graph through the net)."""
