@@ -14,7 +14,14 @@ import pytest
 import manyheads.heads as heads
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "manyheads"
-KIND_CLASSES = {cls.__name__ for cls in heads.REGISTRY.values()} | {"Classifier"}
+
+
+def _kind_classes(cls: type) -> set[str]:
+    """The names of every class below ``cls``: the registered kinds and their shared bases."""
+    return set().union(*({sub.__name__} | _kind_classes(sub) for sub in cls.__subclasses__()))
+
+
+KIND_CLASSES = _kind_classes(heads.Head)  # not Head itself: "is this a head at all" is no kind switch
 
 
 def _module_name(path: Path) -> str:

@@ -16,8 +16,23 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p / (1 - p))
 
 
+class Sigmoids(Classifier):
+    """Shared code of heads that answer with independent sigmoids (binary, multi-label)."""
+
+    def smooth(self, target: torch.Tensor, classes: int) -> torch.Tensor:
+        """Each 0/1 target moved ``label_smoothing`` towards 1/2."""
+        e = self.label_smoothing
+        return target * (1 - e) + e / 2 if e else target
+
+    def trivial_output(self, target: torch.Tensor) -> torch.Tensor:
+        return _logit(target.float().mean(dim=0)).expand_as(target).clone()  # each sigmoid's base rate
+
+    def predicted(self, output: torch.Tensor) -> torch.Tensor:
+        return (self.canonical(output) > 0).long()
+
+
 @register("binary")
-class Binary(Classifier):
+class Binary(Sigmoids):
     """One logit with a sigmoid. Default loss ``"bce"``; metrics accuracy and AUROC.
 
     Targets may be 0/1, booleans or one of two ``labels`` (the second label is class 1).
@@ -51,16 +66,6 @@ class Binary(Classifier):
 
     def _encode_one(self, value: Any, name: str, column: str, row: Any) -> float:
         return float(self._class_index(value, name, column, row))
-
-    def smooth(self, target: torch.Tensor, classes: int) -> torch.Tensor:
-        e = self.label_smoothing
-        return target * (1 - e) + e / 2 if e else target
-
-    def trivial_output(self, target: torch.Tensor) -> torch.Tensor:
-        return _logit(target.float().mean()).expand_as(target).clone()
-
-    def predicted(self, output: torch.Tensor) -> torch.Tensor:
-        return (self.canonical(output) > 0).long()
 
     def proba(self, output: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(self.canonical(output).float())

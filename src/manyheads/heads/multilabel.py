@@ -7,12 +7,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from manyheads.heads.base import NOT_A_LABEL, Classifier, register, row_error
-from manyheads.heads.binary import _logit
+from manyheads.heads.base import NOT_A_LABEL, register, row_error
+from manyheads.heads.binary import Sigmoids
 
 
 @register("multilabel")
-class MultiLabel(Classifier):
+class MultiLabel(Sigmoids):
     """k independent sigmoids; a target is a set/list of labels or a 0/1 vector. Default loss ``"bce"``.
 
     ``class_weights="balanced"`` weighs each label's positives by its negatives / positives.
@@ -60,10 +60,6 @@ class MultiLabel(Classifier):
             vector[self._index[self._key(item)]] = 1
         return vector
 
-    def smooth(self, target: torch.Tensor, classes: int) -> torch.Tensor:
-        e = self.label_smoothing
-        return target * (1 - e) + e / 2 if e else target
-
     def row_weights(self, target: torch.Tensor, class_weight: torch.Tensor | None) -> torch.Tensor | None:
         return None  # its class weights are per-label positive weights, inside the loss
 
@@ -72,12 +68,6 @@ class MultiLabel(Classifier):
             positives = target[labelled].sum(dim=0)
             return (labelled.sum() - positives) / positives.clamp(min=1)
         return super().class_weight_vector(target, labelled)
-
-    def trivial_output(self, target: torch.Tensor) -> torch.Tensor:
-        return _logit(target.float().mean(dim=0)).expand_as(target).clone()
-
-    def predicted(self, output: torch.Tensor) -> torch.Tensor:
-        return (self.canonical(output) > 0).long()
 
     def proba(self, output: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.canonical(output).float())
