@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import manyheads as mh
-from manyheads.reports.evaluation import _bin_width, _interval, evaluate_report
+from manyheads.reports.evaluation import _interval, evaluate_report
+from manyheads.reports.groups import bin_width as _bin_width
 
 RACES = ["White", "Black", "Asian", "Indian", "Others"]
 

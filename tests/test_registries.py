@@ -147,3 +147,19 @@ def test_every_strategy_trains_and_reports_weights_per_head(strategy):
     assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items() if k.startswith("trunk"))
     weights = result.history[[f"weight/{h}" for h in heads]].to_numpy()
     assert np.isfinite(weights).all() and (weights >= 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_calibrated_head_answers_the_same_after_its_spec_round_trip(kind):
+    head = REGISTRY[kind].example()
+    raw, (target, _) = _raw(head, n=40), _targets(head, n=40)
+    uncalibrated = head.readout(raw)
+    fitted = head.calibrate(raw, target)
+    rebuilt = head_from_spec(json.loads(json.dumps(head.file_spec())))
+    assert torch.allclose(rebuilt.readout(raw), head.readout(raw))
+    assert rebuilt.answers(head.readout(raw).numpy()) == head.answers(head.readout(raw).numpy())
+    if fitted is None:  # a kind without calibration answers exactly as before
+        assert torch.equal(head.readout(raw), uncalibrated) and head.file_spec() == head.spec()
+    assert head.decode_readout(head.readout(raw).numpy()) == head.decode(raw)  # one answer on every path
+    if head.calibration_keeps_answers:
+        assert head.decode(raw) == head.uncalibrated().decode(raw)

@@ -8,8 +8,8 @@ result = mh.fit(net, df, losses={"age": "mae"}, weights={"gender": 5})
 from manyheads import datasets
 from manyheads.compare import compare
 from manyheads.heads import Binary, Categorical, Distribution, Head, MultiLabel, Ordinal, Regression
-from manyheads.inference import evaluate
-from manyheads.net import MultiHeadNet, load
+from manyheads.inference import calibrate, evaluate
+from manyheads.net import MultiHeadNet, load, set_coverage
 from manyheads.reports import write_comparison
 from manyheads.result import TrainResult
 from manyheads.training import fit
@@ -18,5 +18,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Binary", "Categorical", "Distribution", "Head", "MultiHeadNet", "MultiLabel", "Ordinal", "Regression",
-    "TrainResult", "compare", "datasets", "evaluate", "fit", "load", "write_comparison",
+    "TrainResult", "calibrate", "compare", "datasets", "evaluate", "fit", "load", "set_coverage", "write_comparison",
 ]  # fmt: skip

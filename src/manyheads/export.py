@@ -7,6 +7,9 @@ The graph takes what a client has at hand and returns what it wants, so the file
   mean/std normalisation is inside the graph. Other nets: float input ``input`` [N, ...].
 * one output per head, named after it: regression values [N]; class probabilities [N, k] for
   binary ([p0, p1]), categorical and ordinal heads; per-label sigmoids [N, k] for multilabel.
+  Calibration is inside the graph: classifier probabilities are temperature-scaled, and a
+  calibrated number answers [N, 3] (value, interval low, interval high) at the coverage it was
+  exported with (``outputs_with_interval`` in the io metadata lists those heads).
 * the batch size is dynamic; ``net.spec()`` (head kinds and labels) is in the metadata under
   ``manyheads``, a description of input and outputs under ``manyheads.io``.
 
@@ -28,7 +31,7 @@ from torch import nn
 
 from manyheads import images
 from manyheads.heads import Head, head_from_spec
-from manyheads.net import MultiHeadNet
+from manyheads.net import MultiHeadNet, answers_by_head
 
 SPEC_KEY = "manyheads"
 IO_KEY = "manyheads.io"
@@ -49,6 +52,11 @@ class _Graph(nn.Module):
             x = (x.float().div(255) - self.mean) / self.std
         raw = self.net(x)
         return tuple(head.readout(raw[name]) for name, head in self.net.heads.items())
+
+
+def _probe(head: Head) -> np.ndarray:
+    """A one-row read-out of the shape the head's graph output has, to ask the head what it answers."""
+    return np.asarray(head.readout(torch.zeros(1, head.out_features)).detach().cpu())
 
 
 def _example(net: MultiHeadNet, example: torch.Tensor | None) -> torch.Tensor:
@@ -113,6 +121,7 @@ def export_onnx(
     io = {
         "input": {"name": input_name, "dtype": "uint8" if input_name == "image" else "float32", "shape": shape},
         "outputs": kind,
+        "outputs_with_interval": [name for name, head in net.heads.items() if "interval" in head.extras(_probe(head))],
         "preprocess": "RGB, shorter side resized to image_size (bicubic), centre square; see images.load_rgb"
         if input_name == "image"
         else "none",
@@ -180,8 +189,7 @@ class OnnxModel:
 
     def predict(self, inputs: Any, *, batch_size: int = 256) -> dict[str, list]:
         """Decoded predictions per head: floats for regression, label names for classifiers."""
-        out = self.outputs(inputs, batch_size=batch_size)
-        return {name: head.decode_readout(out[name]) for name, head in self.heads.items()}
+        return answers_by_head(self.heads, self.outputs(inputs, batch_size=batch_size))
 
     def predict_proba(self, inputs: Any, *, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Per-class probabilities [N, k] for every classification head (columns follow labels)."""

@@ -205,9 +205,12 @@ class MultiHeadNet(nn.Module):
         """Decoded predictions per head: floats for regression, label names for classifiers.
 
         net.predict(["face1.jpg", "face2.jpg"])  # {"age": [31.2, 8.9], "gender": [...], ...}
+
+        A calibrated head also answers its extras beside the value: ``"age_interval"`` (a
+        [low, high] per row) and, with an abstention threshold, ``"gender_uncertain"``.
         """
         raw = self._raw(inputs, batch_size)
-        return {name: head.decode(raw[name]) for name, head in self.heads.items()}
+        return answers_by_head(self.heads, {name: head.readout(raw[name]).numpy() for name, head in self.heads.items()})
 
     def predict_proba(self, inputs: Any, *, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Per-class probabilities [N, k] for every classification head (columns follow labels)."""
@@ -221,7 +224,7 @@ class MultiHeadNet(nn.Module):
         """Everything but the weights that is needed to rebuild this net."""
         return {
             "format": FORMAT,
-            "heads": {name: head.spec() for name, head in self.heads.items()},
+            "heads": {name: head.file_spec() for name, head in self.heads.items()},
             "backbone": self.backbone,
             "image_size": self.image_size,
             "dropout": self.dropout,
@@ -239,6 +242,25 @@ class MultiHeadNet(nn.Module):
         with atomic_path(path) as tmp:  # temporary file, fsync, rename: never a half-written model
             save_file(tensors, str(tmp), metadata={"manyheads": json.dumps(self.spec())})
         return path
+
+
+def answers_by_head(heads: Mapping[str, Head], readouts: Mapping[str, np.ndarray]) -> dict[str, list]:
+    """Decoded answers per head from read-outs, and each calibrated head's extras as ``NAME_KEY`` entries."""
+    answers: dict[str, list] = {}
+    for name, head in heads.items():
+        answers[name] = head.decode_readout(readouts[name])
+        answers |= {f"{name}_{key}": column for key, column in head.extras(readouts[name]).items() if key}
+    return answers
+
+
+def set_coverage(model: Any, coverage: float) -> None:
+    """Answer every calibrated number's interval at ``coverage`` (a net, an OnnxModel's heads, or a dict of heads).
+
+    set_coverage(net, 0.8)  # 80 % intervals from the stored calibration scores
+    """
+    heads = model if isinstance(model, Mapping) else model.heads
+    for head in heads.values():
+        head.set_coverage(coverage)
 
 
 def _hidden_per_head(hidden: int | Mapping[str, int], heads: Mapping[str, Head]) -> dict[str, int]:

@@ -29,6 +29,7 @@ class TrainResult:
     skipped: list[BadRow] = field(default_factory=list)  # rows on_bad='skip' left out
     seed: int | None = None
     best_per_head: dict[str, dict] = field(default_factory=dict)  # head -> {"epoch", "state"}
+    calibration: dict[str, dict] = field(default_factory=dict)  # head -> what calibrate() fitted ({}: none)
 
     def net_for(self, head: str) -> MultiHeadNet:
         """A copy of the net at the best epoch for ``head`` (``fit(..., keep_best_per_head=True)``)."""
@@ -60,6 +61,7 @@ class TrainResult:
             "losses": {name: loss.describe() for name, loss in self.losses.items()},
             "skipped": [row.as_dict() for row in self.skipped],
             "best_epoch_per_head": {head: best["epoch"] for head, best in self.best_per_head.items()},
+            "calibration": self.calibration,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return run_dir

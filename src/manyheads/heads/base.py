@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from manyheads.calibration import fit_temperature
 from manyheads.rows import BadRow, RowError
 
 Encoded = tuple[torch.Tensor, torch.Tensor]  # (target, labelled mask)
@@ -61,14 +62,17 @@ def head_from_spec(spec: Mapping, name: str | None = None) -> Head:
     if not isinstance(kind, str) or kind not in REGISTRY:
         raise ValueError(f"{where}: unknown head kind {kind!r}; available: {sorted(REGISTRY)}")
     cls = REGISTRY[kind]
-    fields = {key: value for key, value in spec.items() if key != "kind"}
+    fields = {key: value for key, value in spec.items() if key not in ("kind", "calibration")}
     unknown = sorted(set(fields) - set(cls.spec_fields))
     if unknown:
         raise ValueError(f"{where}: {unknown} do not apply to a {kind} head; its fields are {list(cls.spec_fields)}")
     try:
-        return cls.from_spec(fields)
+        head = cls.from_spec(fields)
+        if spec.get("calibration") is not None:
+            head.load_calibration(spec["calibration"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from None
+    return head
 
 
 def is_missing(value: Any) -> bool:
@@ -90,6 +94,15 @@ def row_error(head: str, column: str, row: Any, message: str, reason: str = "bad
     return RowError(f"head {head!r}, column {column!r}, row {row}: {message}", reason)
 
 
+def _threshold(value: Any, what: str, low: float, high: float) -> float | None:
+    """None, or a number in ``(low, high)``: a head's abstention threshold."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low < value < high:
+        raise ValueError(f"{what} must be a number between {low:g} and {high:g}, got {value!r}")
+    return float(value)
+
+
 def _as_list(values: Any) -> list:
     if isinstance(values, torch.Tensor | np.ndarray):
         return values.tolist() if isinstance(values, torch.Tensor) else list(values)
@@ -109,10 +122,12 @@ class Head:
     continuous: ClassVar[bool] = False  # answers are numbers on a line: reports show the error by true value
     groups: ClassVar[bool] = False  # each label is a group of rows: confusion matrix and fairness table
     readout_kind: ClassVar[str] = "probabilities"  # what the deployed graph answers: "value" or "probabilities"
+    calibration_keeps_answers: ClassVar[bool] = True  # calibrating changes probabilities or intervals, not answers
     spec_fields: ClassVar[tuple[str, ...]] = ()
     labels: list | None = None
     class_weights: str | Mapping | None = None
     label_smoothing: float = 0.0
+    abstain: float | None = None  # see calibrate(): answers past this threshold are marked uncertain
 
     # ---- outputs -------------------------------------------------------------------------
 
@@ -251,16 +266,57 @@ class Head:
         """User-facing answers from a read-out (an ONNX graph's output, or :meth:`readout`)."""
         raise NotImplementedError
 
+    def extras(self, readout: np.ndarray) -> dict[str, list]:
+        """What a calibrated head answers beside the value, per row: ``"interval"``, ``"uncertain"``.
+
+        ``net.predict`` gives each as a ``NAME_KEY`` entry (``"age_interval"``); {} without calibration.
+        """
+        return {}
+
     def answers(self, readout: np.ndarray) -> list[dict[str, Any]]:
-        """One JSON-ready answer per row: ``{"value": ...}`` and, for classifiers, ``"probabilities"``."""
+        """One JSON-ready answer per row: ``{"value": ...}``, for classifiers ``"probabilities"``, and the extras."""
         values = self.decode_readout(readout)
         if self.labels is None:
-            return [{"value": value} for value in values]
-        names = [str(label) for label in self.labels]
-        return [
-            {"value": value, "probabilities": {n: float(p) for n, p in zip(names, row)}}
-            for value, row in zip(values, readout.tolist())
-        ]
+            rows: list[dict[str, Any]] = [{"value": value} for value in values]
+        else:
+            names = [str(label) for label in self.labels]
+            rows = [
+                {"value": value, "probabilities": {n: float(p) for n, p in zip(names, row)}}
+                for value, row in zip(values, np.asarray(readout).tolist())
+            ]
+        for key, column in self.extras(readout).items():
+            for row, item in zip(rows, column):
+                row[key] = item
+        return rows
+
+    # ---- calibration ---------------------------------------------------------------------
+
+    def calibrate(self, output: torch.Tensor, target: torch.Tensor, **options: Any) -> dict[str, float] | None:
+        """Fit this kind's calibration on held-out labelled rows' raw outputs; a summary, or None if it has none.
+
+        ``options``: ``coverage`` and ``interval`` for numbers, ``abstain`` (a threshold) for all.
+        """
+        return None
+
+    def calibration_spec(self) -> dict | None:
+        """The fitted calibration, JSON-safe (stored in the model file under the head's ``calibration``)."""
+        return None
+
+    def load_calibration(self, data: Mapping) -> None:
+        """Restore :meth:`calibration_spec` output; a damaged record is a ValueError."""
+        raise ValueError(f"a {self.kind} head has no calibration to load")
+
+    def set_coverage(self, coverage: float) -> None:
+        """Answer intervals at another coverage (heads with intervals only; others ignore it)."""
+
+    def file_spec(self) -> dict:
+        """:meth:`spec` plus the fitted calibration: what model files and exports store."""
+        calibration = self.calibration_spec()
+        return self.spec() if calibration is None else {**self.spec(), "calibration": calibration}
+
+    def uncalibrated(self) -> Head:
+        """A copy of this head as it answered before calibration (the report's "before")."""
+        return head_from_spec(self.spec())
 
     # ---- metrics -------------------------------------------------------------------------
 
@@ -325,6 +381,12 @@ class Classifier(Head):
         self.class_weights = class_weights
         self.label_smoothing = float(label_smoothing)
         self._index = {self._key(label): i for i, label in enumerate(labels)}
+        self.temperature: float | None = None  # fitted by calibrate(); None: the logits as trained
+
+    def logits(self, output: torch.Tensor) -> torch.Tensor:
+        """The canonical output divided by the fitted temperature (as trained before calibration)."""
+        logits = self.canonical(output).float()
+        return logits if self.temperature is None else logits / self.temperature
 
     @classmethod
     def from_spec(cls, fields: Mapping) -> Head:
@@ -386,6 +448,47 @@ class Classifier(Head):
         for label, weight in self.class_weights.items():
             weights[self._index[self._key(label)]] = float(weight)
         return weights
+
+    # ---- calibration: temperature scaling -------------------------------------------------
+
+    def nll(self, output: torch.Tensor, target: torch.Tensor) -> float:
+        """Mean negative log-likelihood of the true classes under :meth:`proba`."""
+        p = self.proba(output)
+        return float(-torch.gather(p, 1, target.long().reshape(-1, 1)).clamp_min(1e-12).log().mean())
+
+    def calibrate(self, output: torch.Tensor, target: torch.Tensor, **options: Any) -> dict[str, float]:
+        """Fit the temperature that minimises the NLL of the rows' true classes (Guo et al. 2017)."""
+        output, target = output.detach().float().cpu(), target.cpu()
+
+        def nll(temperature: float) -> float:
+            self.temperature = temperature
+            return self.nll(output, target)
+
+        before = nll(1.0)
+        self.temperature = fit_temperature(nll)
+        self.abstain = _threshold(options.get("abstain"), "abstain", 0.0, 1.0)
+        return {"temperature": self.temperature, "nll_before": before, "nll_after": self.nll(output, target)}
+
+    def calibration_spec(self) -> dict | None:
+        if self.temperature is None:
+            return None
+        return {"temperature": self.temperature, **({"abstain": self.abstain} if self.abstain is not None else {})}
+
+    def load_calibration(self, data: Mapping) -> None:
+        temperature = data.get("temperature") if isinstance(data, Mapping) else None
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature < math.inf:
+            raise ValueError(f"calibration needs a positive finite 'temperature', got {data!r}")
+        self.temperature = float(temperature)
+        self.abstain = _threshold(data.get("abstain"), "calibration 'abstain'", 0.0, 1.0)
+
+    def confident(self, readout: np.ndarray) -> np.ndarray:
+        """Each row's confidence in its answer: the top class probability."""
+        return np.asarray(readout).max(axis=1)
+
+    def extras(self, readout: np.ndarray) -> dict[str, list]:
+        if self.abstain is None:
+            return {}
+        return {"uncertain": (self.confident(readout) < self.abstain).tolist()}
 
     def per_row(self, output: torch.Tensor, target: torch.Tensor, metric: str) -> torch.Tensor | None:
         if metric == "accuracy":

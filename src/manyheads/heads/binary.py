@@ -68,7 +68,7 @@ class Binary(Sigmoids):
         return float(self._class_index(value, name, column, row))
 
     def proba(self, output: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(self.canonical(output).float())
+        p = torch.sigmoid(self.logits(output))
         return torch.stack([1 - p, p], dim=1)
 
     def decode_readout(self, readout: np.ndarray) -> list:

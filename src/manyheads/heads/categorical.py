@@ -45,7 +45,7 @@ class Categorical(Classifier):
         return self.canonical(output).argmax(dim=1)
 
     def proba(self, output: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.canonical(output).float(), dim=1)
+        return torch.softmax(self.logits(output), dim=1)
 
     def decode_readout(self, readout: np.ndarray) -> list:
         return [self.labels[int(i)] for i in np.asarray(readout).argmax(axis=1)]

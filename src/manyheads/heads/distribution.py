@@ -106,8 +106,11 @@ class Distribution(Regression):
             return self.quantile(output, 0.5)
         return (self.proba(output) * self.values(output.device)).sum(dim=1)
 
-    def readout(self, output: torch.Tensor) -> torch.Tensor:
-        return self.predicted(output)  # the deployed graph answers in target units
+    def spread(self, output: torch.Tensor) -> torch.Tensor:
+        """The distribution's standard deviation per row (at least half a step): adaptive intervals scale with it."""
+        p, values = self.proba(output), self.values(output.device)
+        mean = (p * values).sum(dim=1, keepdim=True)
+        return (p * (values - mean).square()).sum(dim=1).sqrt().clamp_min(self.step / 2)
 
     def spec(self) -> dict:
         return {"kind": self.kind, "min": self.min, "max": self.max, "step": self.step, "sigma": self.sigma,

@@ -70,7 +70,15 @@ class MultiLabel(Sigmoids):
         return super().class_weight_vector(target, labelled)
 
     def proba(self, output: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.canonical(output).float())
+        return torch.sigmoid(self.logits(output))
+
+    def nll(self, output: torch.Tensor, target: torch.Tensor) -> float:
+        p = self.proba(output).clamp(1e-12, 1 - 1e-12)
+        return float(-(target * p.log() + (1 - target) * (1 - p).log()).mean())
+
+    def confident(self, readout: np.ndarray) -> np.ndarray:
+        p = np.asarray(readout)
+        return np.maximum(p, 1 - p).min(axis=1)  # the least sure of its yes/no answers
 
     def decode_readout(self, readout: np.ndarray) -> list:
         return [[label for label, on in zip(self.labels, row) if on] for row in (np.asarray(readout) > 0.5).tolist()]

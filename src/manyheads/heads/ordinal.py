@@ -26,6 +26,8 @@ class Ordinal(Categorical):
     loss_variants: ClassVar[dict[str, str]] = {}
     primary = "mae_bins"
     higher_is_better = False
+    # the answer is where the chained sigmoids cross 1/2, and a temperature moves that point (argmax kinds keep theirs)
+    calibration_keeps_answers: ClassVar[bool] = False
 
     @property
     def out_features(self) -> int:
@@ -47,7 +49,7 @@ class Ordinal(Categorical):
 
     def _above(self, output: torch.Tensor) -> torch.Tensor:
         """P(rank > j) per threshold: the conditional sigmoids chained (a loop: ONNX has no cumprod)."""
-        s = torch.sigmoid(self.canonical(output).float())
+        s = torch.sigmoid(self.logits(output))
         chain = [s[:, 0]]
         for j in range(1, self.out_features):
             chain.append(chain[-1] * s[:, j])
