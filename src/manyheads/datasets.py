@@ -1,17 +1,22 @@
-"""Ready-made data sets: label tables for UTKFace, FairFace, any CSV, and generated shapes.
+"""Ready-made data sets: label tables for UTKFace, FairFace, any CSV or Parquet table, Hugging Face
+data sets, and generated shapes.
 
 Every loader returns a pandas DataFrame with an ``image`` column (an absolute path
-string, or for :func:`shapes` an RGB uint8 array) and one column per label.
-Rows that cannot be parsed are skipped with one warning and listed in
+string, or for :func:`shapes` an RGB uint8 array; for :func:`from_parquet` and :func:`from_hf`
+possibly the image files' bytes, decoded later through the same image cache as paths) and one
+column per label. Rows that cannot be parsed are skipped with one warning and listed in
 ``df.attrs["skipped"]``.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -197,6 +202,128 @@ def from_csv(
     for column in table.columns.drop(image_column):
         table[column] = _numbers_per_cell(table[column])
     return table.rename(columns={image_column: "image"})
+
+
+def _require(module: str, extra: str, what: str) -> Any:
+    """Import an optional package, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f'{what} needs the {module} package: pip install "manyheads[{extra}]"') from None
+
+
+def _absolute_paths(values: pd.Series, root: Path) -> list[Any]:
+    """Path strings made absolute, relative to ``root``; bytes, image dicts and missing values as they are."""
+    return [os.path.abspath(root / v) if isinstance(v, str) else v for v in values]
+
+
+def from_parquet(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    image_column: str = "image",
+) -> pd.DataFrame:
+    """Read a Parquet table whose ``image_column`` holds image files' bytes or paths (through pyarrow).
+
+    Bytes (and Hugging Face ``{"bytes", "path"}`` values) are kept and decoded later through the
+    same image cache as paths; path strings are made absolute, relative to ``image_root``
+    (default: the file's folder). The image column is renamed ``image``. A file written by a
+    Hugging Face data set (``Dataset.to_parquet``) keeps its ``ClassLabel`` names in its metadata:
+    those columns hold the label names, as :func:`from_hf` gives them.
+
+    Example: ``df = from_parquet("faces.parquet")``
+    """
+    _require("pyarrow", "parquet", "reading Parquet")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Parquet file not found: {path}")
+    table = pd.read_parquet(path)
+    if image_column not in table.columns:
+        raise ValueError(f"{path}: no image column {image_column!r}; columns are {list(table.columns)}")
+    if image_column != "image" and "image" in table.columns:
+        raise ValueError(f"{path}: has both {image_column!r} and 'image' columns; rename one")
+    root = (Path(image_root) if image_root is not None else path.parent).expanduser().resolve()
+    table[image_column] = _absolute_paths(table[image_column], root)
+    for column, names in _parquet_class_labels(path).items():
+        if column in table.columns:
+            table[column] = _label_names(table[column], names)
+    return table.rename(columns={image_column: "image"})
+
+
+def _parquet_class_labels(path: Path) -> dict[str, list[str]]:
+    """Column -> label names of the ``ClassLabel`` features a Hugging Face data set wrote into the file."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    try:
+        features = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+    except (ValueError, AttributeError):
+        return {}
+    return {
+        name: feature["names"]
+        for name, feature in features.items()
+        if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and "names" in feature
+    }
+
+
+def _label_names(values: Any, names: list[str]) -> list[Any]:
+    """Class indices as their names; -1 (Hugging Face's "no label"), missing or other values as None."""
+
+    def name(v: Any) -> Any:
+        return names[int(v)] if isinstance(v, int | np.integer) and 0 <= v < len(names) else None
+
+    return [name(v) for v in values]
+
+
+def from_hf(data: Any, split: str | None = None) -> pd.DataFrame:
+    """Read a Hugging Face data set: a ``datasets.Dataset``, a ``DatasetDict`` (pick ``split``), or a
+    folder written by ``save_to_disk``.
+
+    Columns keep their names (``data.inputs`` / ``inputs=`` picks the image column). Image features
+    stay encoded (``{"bytes", "path"}`` values) and are decoded later through the same image cache
+    as paths. ``ClassLabel`` features become their label names (``-1``, no label, becomes None),
+    lists of them lists of names, ready for classifier heads. ``split`` picks a DatasetDict's split
+    (needed when it has more than one; a missing one is refused, naming those there); a single
+    Dataset is taken as it is unless it records another split. Needs ``pip install "manyheads[hf]"``.
+
+    Example: ``df = from_hf("data/faces_hf", split="train")``
+    """
+    hf = _require("datasets", "hf", "reading a Hugging Face data set")
+    where = str(data) if isinstance(data, str | os.PathLike) else f"the {type(data).__name__}"
+    if isinstance(data, str | os.PathLike):
+        folder = Path(data).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Hugging Face data set folder not found: {folder} (written by save_to_disk)")
+        data = hf.load_from_disk(str(folder))
+    if isinstance(data, hf.IterableDataset | hf.IterableDatasetDict):
+        raise ValueError(f"{where}: a streaming (Iterable) data set cannot be read here; load it without "
+                         "streaming=True, or wrap it in a torch Dataset of dicts")  # fmt: skip
+    if isinstance(data, hf.DatasetDict):
+        data = _hf_split(data, split, where)
+    elif split is not None and data.split is not None and str(data.split) != split:
+        raise ValueError(f"{where}: split={split!r}, but this is one Dataset, the {str(data.split)!r} split")
+    if not isinstance(data, hf.Dataset):
+        raise TypeError(f"{where}: expected a datasets.Dataset or DatasetDict, got {type(data).__name__}")
+    table = data.to_pandas()  # image features stay {"bytes", "path"}: nothing is decoded here
+    for name, feature in data.features.items():
+        if isinstance(feature, hf.ClassLabel):
+            table[name] = _label_names(table[name], feature.names)
+        elif isinstance(getattr(feature, "feature", None), hf.ClassLabel):  # a list of class labels
+            names = feature.feature.names
+            table[name] = [None if v is None else _label_names(list(v), names) for v in table[name]]
+    return table
+
+
+def _hf_split(splits: Any, split: str | None, where: str) -> Any:
+    names = list(splits)
+    if split is None:
+        if len(names) == 1:
+            return splits[names[0]]
+        raise ValueError(f"{where}: a DatasetDict with the splits {names}; pick one with split= "
+                         f"(YAML data.split), or pass dataset[{names[0]!r}]")  # fmt: skip
+    if split not in splits:
+        raise ValueError(f"{where}: no split {split!r}; the splits are {names}")
+    return splits[split]
 
 
 def _numbers_per_cell(cells: pd.Series) -> pd.Series:

@@ -1,9 +1,12 @@
 """Encoding: from a table of columns to encoded inputs and targets, then to batches on the device.
 
-A table is a dict of columns (name -> list, numpy array or tensor), a pandas DataFrame, or a
-torch Dataset yielding dicts (read once). One column holds the inputs (numeric arrays or
-images); every head reads the column of its own name. Missing labels (None, NaN, pd.NA) mark
-rows that are not labelled for that head.
+A table is a dict of columns (name -> list, numpy array or tensor), a pandas DataFrame, a
+Hugging Face ``datasets.Dataset`` (read through :func:`manyheads.datasets.from_hf`), or a torch
+Dataset yielding dicts. A torch Dataset's labels are read in one pass; a column of images in it
+(PIL images, arrays, bytes) stays a :class:`DatasetColumn`, read again row by row as the images
+are decoded into the cache, so the set is never all in memory. One column holds the inputs
+(numeric arrays or images); every head reads the column of its own name. Missing labels (None,
+NaN, pd.NA) mark rows that are not labelled for that head.
 
 :func:`prepare` is the whole stage as ``fit`` runs it: the user's data (and a validation set
 or fraction) in, encoded training and validation sets out; :class:`Batches` then serves one
@@ -17,6 +20,8 @@ default ``0..n-1``.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,11 +47,70 @@ def _dataframe(data: Any) -> Any:
     return data if isinstance(data, pd.DataFrame) else None
 
 
+class DatasetColumn(Sequence):
+    """One column of a torch Dataset of dicts, read when asked: ``column[i]`` is ``dataset[i][key]``.
+
+    Images in a Dataset stay here until the image cache decodes them one by one; :func:`take`
+    keeps the column lazy (a part of it is the same Dataset with fewer row positions).
+
+        column = DatasetColumn(dataset, "image"); first = column[0]; part = column.take([0, 5])
+    """
+
+    def __init__(self, dataset: Any, key: str, rows: Sequence[int] | None = None) -> None:
+        self.dataset, self.key = dataset, key
+        self.rows = range(len(dataset)) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return DatasetColumn(self.dataset, self.key, self.rows[i])
+        return self.dataset[int(self.rows[i])].get(self.key)
+
+    def take(self, rows: np.ndarray) -> DatasetColumn:
+        return DatasetColumn(self.dataset, self.key, np.asarray(self.rows)[rows])
+
+
+def _streams(value: Any) -> bool:
+    """Whether a Dataset's value is an image to leave in the Dataset (not a path: paths are small)."""
+    return not isinstance(value, str | os.PathLike) and imaging.looks_like_images([value])
+
+
+def _dataset_table(data: torch.utils.data.Dataset, what: str) -> Table:
+    """A torch Dataset's columns: its labels read in one pass, its image columns as :class:`DatasetColumn`."""
+    n = len(data)
+    first = data[0] if n else None
+    if not isinstance(first, Mapping):
+        raise ValueError(f"{what}: a Dataset must yield dicts of column -> value, got {type(first)}")
+    lazy = [key for key, value in first.items() if _streams(value)]
+    read: dict[Any, list] = {key: [] for key in first if key not in lazy}
+    for i in range(n):
+        row = first if i == 0 else data[i]
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{what}: row {i} of the Dataset is a {type(row).__name__}, not a dict of column -> value")
+        for key, values in read.items():
+            values.append(row.get(key))
+    return {key: DatasetColumn(data, key) if key in lazy else read[key] for key in first}
+
+
+def _hugging_face(data: Any) -> Any:
+    """A Hugging Face Dataset as a DataFrame (a DatasetDict is refused, naming its splits); else None."""
+    hf = sys.modules.get("datasets")  # imported already wherever such an object exists
+    if hf is None or not isinstance(data, hf.Dataset | hf.DatasetDict | hf.IterableDataset | hf.IterableDatasetDict):
+        return None
+    from manyheads.datasets import from_hf
+
+    return from_hf(data)
+
+
 def columns_of(data: Any, what: str = "train") -> Table:
-    """Normalise a dict of columns, a DataFrame or a Dataset of dicts into a dict of columns.
+    """Normalise a dict of columns, a DataFrame, a Hugging Face Dataset or a torch Dataset of dicts into columns.
 
     table = columns_of(df, "train")  # {"image": [...], "age": [...]}
     """
+    if (frame := _hugging_face(data)) is not None:
+        data = frame
     if (df := _dataframe(data)) is not None:
         duplicated = sorted({str(name) for name in df.columns[df.columns.duplicated()]})
         if duplicated:
@@ -55,15 +119,11 @@ def columns_of(data: Any, what: str = "train") -> Table:
     if isinstance(data, Mapping):
         table = {str(k): v for k, v in data.items()}
     elif isinstance(data, torch.utils.data.Dataset):
-        rows = [data[i] for i in range(len(data))]
-        if not rows or not isinstance(rows[0], Mapping):
-            raise ValueError(
-                f"{what}: a Dataset must yield dicts of column -> value, got {type(rows[0] if rows else None)}"
-            )
-        table = {key: [row.get(key) for row in rows] for key in rows[0]}
+        table = _dataset_table(data, what)
     else:
         raise ValueError(
-            f"{what}: expected a dict of columns, a pandas DataFrame or a torch Dataset, got {type(data).__name__}"
+            f"{what}: expected a dict of columns, a pandas DataFrame, a Hugging Face Dataset or a torch Dataset, "
+            f"got {type(data).__name__}"
         )
     lengths = {name: len(column) for name, column in table.items()}
     if len(set(lengths.values())) > 1:
@@ -121,6 +181,8 @@ def take(table: Table, rows: np.ndarray | list[int]) -> Table:
     for name, column in table.items():
         if isinstance(column, torch.Tensor | np.ndarray):
             out[name] = column[torch.as_tensor(rows) if isinstance(column, torch.Tensor) else rows]
+        elif isinstance(column, DatasetColumn):  # stays lazy: the same Dataset, fewer rows
+            out[name] = column.take(rows)
         else:
             out[name] = [column[i] for i in rows]
     return out
@@ -253,7 +315,7 @@ def encode(
         if image_size is None:
             raise ValueError(f"input column {input_name!r} holds images; pass image_size=")
         cache = imaging.ready_cache(column, image_size) or imaging.build_cache(
-            list(column), image_size, cache_dir=cache_dir, workers=workers, progress=progress, on_bad=on_bad
+            column, image_size, cache_dir=cache_dir, workers=workers, progress=progress, on_bad=on_bad
         )
         for item in cache.bad:  # the cache names items by position
             bad[item.row] = item
