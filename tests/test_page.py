@@ -2,6 +2,9 @@
 
 import io
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -27,9 +30,23 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"needs {CHROMIUM}: apt-get install -y chromium", allow_module_level=True)
 
 
-def tiny_net() -> mh.MultiHeadNet:
+class Sleep(nn.Module):
+    """Makes the model slow, deterministically: each forward pass takes ``seconds`` more."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x
+
+
+def tiny_net(seconds: float = 0.0) -> mh.MultiHeadNet:
     torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    trunk = nn.Sequential(
+        Sleep(seconds), nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
     heads = {"age": mh.Regression(), "gender": mh.Binary(["male", "female"]), "race": mh.Categorical(RACES)}
     net = mh.MultiHeadNet(trunk, heads, image_size=32).eval()
     net(torch.zeros(1, 3, 32, 32))
@@ -92,3 +109,93 @@ def test_a_file_that_is_not_an_image_shows_the_error(page, url):
     page.set_input_files("#file", {"name": "red.png", "mimeType": "image/png", "buffer": buffer.getvalue()})
     page.wait_for_selector("#status:not(.error)", timeout=15_000)
     page.wait_for_selector('[data-head="gender"] .bar.top', timeout=15_000)
+
+
+def random_png(path, seed: int):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (60, 50, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def shown_age(page, photo) -> str:
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#status:text('done')", timeout=30_000)
+    return page.locator('[data-head="age"] .value').inner_text()
+
+
+def test_the_page_gets_its_own_answer_while_the_batcher_is_busy(page, tmp_path):
+    net = tiny_net(0.05)
+    photo = random_png(tmp_path / "mine.png", 5)
+    expected = f"{net.predict([photo])['age'][0]:.1f}"
+    others = [random_png(tmp_path / f"other{i}.png", 50 + i).read_bytes() for i in range(4)]
+    with serve_in_thread(create_app(net, max_batch=4, max_wait_ms=20)) as base:
+        stop = threading.Event()
+
+        def load(blob: bytes) -> int:
+            sent = 0
+            with httpx.Client(base_url=base, timeout=30) as client:
+                while not stop.is_set():
+                    sent += client.post("/predict", files={"file": ("o.png", blob, "image/png")}).status_code == 200
+            return sent
+
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('regression')")
+        with ThreadPoolExecutor(4) as pool:
+            busy = [pool.submit(load, blob) for blob in others]
+            time.sleep(0.3)
+            age = shown_age(page, photo)
+            stop.set()
+            assert all(future.result() > 0 for future in busy)
+        batches = httpx.get(base + "/metrics").text
+    assert age == expected
+    assert "manyheads_batch_images_bucket" in batches
+
+
+def wait_until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the service never got there"
+        time.sleep(0.02)
+
+
+def test_the_page_waits_and_retries_when_the_queue_is_full(page, tmp_path):
+    photo = random_png(tmp_path / "mine.png", 6)
+    blob = random_png(tmp_path / "other.png", 7).read_bytes()
+    net = tiny_net(2.0)
+    expected = f"{net.predict([photo])['age'][0]:.1f}"
+    with serve_in_thread(create_app(net, max_batch=1, max_queue=1)) as base:
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('regression')")
+        with ThreadPoolExecutor(2) as pool:  # one request runs, one waits: the queue is full until the first ends
+            busy = [pool.submit(httpx.post, base + "/predict", files={"file": blob}, timeout=30)]
+            wait_until(lambda: "manyheads_batch_images_count 1.0" in httpx.get(base + "/metrics").text)
+            busy.append(pool.submit(httpx.post, base + "/predict", files={"file": blob}, timeout=30))
+            wait_until(lambda: httpx.get(base + "/health").json()["queue"]["depth"] == 1)
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("#status:text('busy')", timeout=10_000)
+            page.wait_for_selector("#status:text('done')", timeout=30_000)
+            assert [future.result().status_code for future in busy] == [200, 200]
+        shed = httpx.get(base + "/metrics").text
+    assert page.locator('[data-head="age"] .value').inner_text() == expected
+    assert 'manyheads_shed_total{reason="queue_full"} 0.0' not in shed
+
+
+def test_a_calibrated_model_shows_the_interval_and_the_uncertain_mark(page, tmp_path):
+    net = tiny_net()
+    values = torch.linspace(0, 80, 400)
+    net.heads["age"].calibrate(values, values + torch.randn(400, generator=torch.Generator().manual_seed(0)) * 5,
+                               coverage=0.8)  # fmt: skip
+    net.heads["gender"].calibrate(torch.randn(400), torch.randint(0, 2, (400,)).float(), abstain=0.9999)
+    photo = tmp_path / "face.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(photo)
+    with serve_in_thread(create_app(net)) as base:
+        expected = httpx.post(base + "/predict", files={"file": photo.read_bytes()}).json()["predictions"][0]
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('regression')")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector('[data-head="race"]', timeout=15_000)
+        low, high = expected["age"]["interval"]
+        shown = page.locator('[data-head="age"] .interval').inner_text()
+        assert shown == f"80 % interval: {low:.1f} – {high:.1f}"
+        assert expected["gender"]["uncertain"] is True
+        assert "uncertain" in page.locator('[data-head="gender"] .uncertain').inner_text()
+        assert page.locator('[data-head="race"] .interval, [data-head="race"] .uncertain').count() == 0
