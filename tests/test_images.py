@@ -245,9 +245,71 @@ def test_interrupted_build_leaves_no_valid_cache(tmp_path, monkeypatch):
     assert len(calls) == 4 and torch.equal(again.images, expected)
 
 
-def test_cache_dir_needs_paths(tmp_path):
-    with pytest.raises(ValueError, match="file path"):
-        build_cache([picture()], 16, cache_dir=tmp_path, progress=False)
+def test_cache_dir_takes_arrays_keyed_by_their_pixels(tmp_path):
+    arrays = [picture(seed=i) for i in range(3)]
+    first = build_cache(arrays, 16, cache_dir=tmp_path, progress=False)
+    (npy,) = tmp_path.glob("*.npy")
+    inode = npy.stat().st_ino
+    again = build_cache(arrays, 16, cache_dir=tmp_path, progress=False)
+    assert torch.equal(first.images, torch.stack([load_rgb(a, 16) for a in arrays]))
+    assert torch.equal(again.images, first.images) and list(tmp_path.glob("*.npy")) == [npy]  # one file, shared
+    assert npy.stat().st_ino == inode  # the same pixels found cached: the file is kept, not written again
+    build_cache(arrays[:2], 16, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.npy"))) == 2 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_encoded_bytes_decode_as_their_files_and_cache_by_hash(tmp_path, monkeypatch):
+    (tmp_path / "f").mkdir()
+    files = make_files(tmp_path / "f", n=3)
+    encoded = [f.read_bytes() for f in files]
+    as_files = build_cache(files, 16, workers=1, progress=False).images
+    hf_values = [{"bytes": encoded[0], "path": "a.png"}, {"bytes": None, "path": str(files[1])}, bytearray(encoded[2])]
+    assert torch.equal(build_cache(hf_values, 16, workers=1, progress=False).images, as_files)
+    cached = build_cache(encoded, 16, cache_dir=tmp_path / "c", workers=1, progress=False)
+    calls = count_decodes(monkeypatch)
+    assert torch.equal(build_cache(encoded, 16, cache_dir=tmp_path / "c", progress=False).images, cached.images)
+    assert calls == [] and torch.equal(cached.images, as_files)  # keyed by the bytes' hash: not decoded again
+    assert looks_like_images(encoded) and looks_like_images(hf_values)
+
+
+def test_process_pool_decodes_bytes_as_in_process(monkeypatch):
+    def png(seed):
+        buffer = io.BytesIO()
+        Image.fromarray(picture(12, 10, seed=seed)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    items = [png(i) if i % 2 else {"bytes": png(i), "path": f"p{i}.png"} for i in range(70)]
+    items[10] = b"broken"
+    serial = build_cache(items, 8, workers=1, progress=False, on_bad="skip")
+    calls = count_decodes(monkeypatch)
+    pooled = build_cache(items, 8, workers=2, progress=False, on_bad="skip")
+    assert calls == [], "bytes are decoded in the pool, not in this process"
+    assert torch.equal(serial.images, pooled.images) and pooled.bad == serial.bad
+    assert [(b.row, b.source, b.reason) for b in pooled.bad] == [(10, "item 10", "not an image")]
+
+
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        (b"", "<0 bytes>: zero bytes"),
+        (b"no image here", "not an image"),
+        ({"bytes": b"no image here", "path": "x/y.jpg"}, "x/y.jpg: not an image"),
+        ({"bytes": None, "path": None}, "missing value"),
+    ],
+)
+def test_bad_bytes_name_what_went_wrong(item, words):
+    with pytest.raises(BadImageError, match=words):
+        load_rgb(item, 8)
+
+
+def test_truncated_bytes_are_bad_rows(tmp_path):
+    whole = io.BytesIO()
+    Image.fromarray(picture(64, 64)).save(whole, format="JPEG")
+    cut, header = whole.getvalue()[: len(whole.getvalue()) // 2], whole.getvalue()[:30]  # in the pixels, the header
+    cache = build_cache([whole.getvalue(), cut, header], 16, workers=1, progress=False, on_bad="skip")
+    assert cache.kept.tolist() == [0] and [(b.row, b.source, b.reason) for b in cache.bad] == [
+        (1, "item 1", "truncated JPEG"), (2, "item 2", "truncated image")
+    ]
 
 
 # ---- Augment / normalize --------------------------------------------------------------------
@@ -369,3 +431,235 @@ def test_uint8_batches_at_the_training_size_are_used_without_a_copy():
     other_size = encode(table, {"y": Regression()}, "image", image_size=8)  # resized: a new cache
     assert other_size.inputs.shape == (6, 3, 8, 8) and other_size.inputs.data_ptr() != pictures.data_ptr()
     assert images.ready_cache(pictures.float(), 16) is None
+
+
+# ---- Augment: zoom-out, rotation, grey, blur, erase -------------------------------------------
+
+ALL_OFF = {"crop_scale": None, "flip": False, "jitter": 0}
+NEW_OPTIONS = {
+    "zoom_out": {"crop_scale": (1.2, 1.6), "padding": "border"},
+    "rotate": {"rotate": 20},
+    "grey": {"grey": 0.5},
+    "blur": {"blur": 0.5},
+    "erase": {"erase": 0.5},
+    "erase_mean": {"erase": 0.5, "erase_fill": "mean"},
+}
+# Augment()(batch(16), generator seeded 7), called twice on the same generator: (sum, index-weighted sum)
+# in float64, recorded from the code before zoom-out, rotation, grey, blur and erase existed.
+RECORDED_DEFAULTS = [(13573.4667, 6807.3405), (14082.7479, 7073.7549)]
+
+
+def checksum(out):
+    w = torch.arange(out.numel(), dtype=torch.float64).view(out.shape) / out.numel()
+    return float(out.double().sum()), float((out.double() * w).sum())
+
+
+def test_defaults_are_unchanged_by_the_new_options():
+    x = batch(16)
+    g = torch.Generator().manual_seed(7)
+    sums = [value for _ in range(2) for value in checksum(Augment()(x, g))]
+    recorded = [value for pair in RECORDED_DEFAULTS for value in pair]
+    assert sums == pytest.approx(recorded, abs=1e-3)  # the same draws and pixels as before
+    off = Augment(padding="reflection", rotate=0, grey=0, blur=0, erase=0, erase_fill="noise")
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(2):  # also the generator's state: a second batch draws as before
+        assert torch.equal(off(x, g1), Augment()(x, g2))
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.parametrize("name", list(NEW_OPTIONS))
+def test_each_new_option_changes_the_batch_and_is_reproducible(name):
+    x = batch(32)
+    aug = Augment(**{**ALL_OFF, **NEW_OPTIONS[name]})
+    a = aug(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, aug(x, torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, aug(x, torch.Generator().manual_seed(4)))
+    assert not torch.equal(a, x.float() / 255)
+    assert a.dtype == torch.float32 and 0 <= a.min() <= a.max() <= 1
+
+
+def square(size=64, side=32):
+    img = torch.zeros(1, 3, size, size)
+    lo = (size - side) // 2
+    img[..., lo : lo + side, lo : lo + side] = 1
+    return img
+
+
+def extent(out):
+    """Width in pixels of the bright part of each sample's middle row."""
+    return (out[:, 0, out.shape[-2] // 2] > 0.5).sum(-1).float()
+
+
+def test_zoom_out_shrinks_a_centred_square():
+    x = square().expand(4, -1, -1, -1)
+    same = Augment(crop_scale=(1.0, 1.0), ratio=(1, 1), translate=0, flip=False, jitter=0, padding="zeros")(x)
+    assert torch.equal(extent(same), torch.full((4,), 32.0))
+    out = Augment(crop_scale=(2.0, 2.0), ratio=(1, 1), translate=0, flip=False, jitter=0, padding="zeros")(x)
+    assert ((extent(out) - 32 / 2**0.5).abs() <= 1).all()  # the window's side is sqrt(2) the image's
+
+
+def test_zoomed_out_picture_roams_the_frame_and_translate_goes_beyond_it():
+    x = square(side=64).expand(200, -1, -1, -1)  # all white: the photo's own pixels
+    aug = Augment(crop_scale=(2.0, 2.0), ratio=(1, 1), translate=0, flip=False, jitter=0, padding="zeros")
+    out = aug(x, torch.Generator().manual_seed(0))
+    bright = (out[:, 0] > 0.5).flatten(1).sum(1).float()
+    assert ((bright - 64 * 64 / 2).abs() < 64 * 3).all()  # all of the photo is seen, at half the area
+    left = out[:, 0, 32].argmax(-1)
+    assert left.min() <= 1 and left.max() >= 16  # from one side of the frame to the other
+    aug = Augment(crop_scale=(2.0, 2.0), ratio=(1, 1), translate=0.1, flip=False, jitter=0, padding="zeros")
+    bright = (aug(x, torch.Generator().manual_seed(0))[:, 0] > 0.5).flatten(1).sum(1).float()
+    assert (bright < 64 * 64 / 2 - 64).float().mean() > 0.2  # shifted beyond the frame's border
+
+
+@pytest.mark.parametrize("padding, corner", [("zeros", 0.0), ("border", 0.6), ("reflection", 0.6)])
+def test_zoom_out_padding_fills_outside_the_picture(padding, corner):
+    x = torch.full((2, 3, 16, 16), 0.6)
+    out = Augment(crop_scale=(3.0, 3.0), ratio=(1, 1), translate=0, flip=False, jitter=0, padding=padding)(x)
+    # The photo covers a third of the frame (wherever it roams): the rest is padding.
+    assert torch.allclose(out.flatten(2).amin(2), torch.full((2, 3), corner), atol=1e-6)
+    assert torch.allclose(out[:, :, 8, 8], torch.full((2, 3), 0.6), atol=1e-6)
+
+
+def test_rotate_turns_counter_clockwise_by_the_given_angle():
+    x = torch.zeros(1, 3, 32, 32)
+    x[..., 15:17, 16:28] = 1  # a bar from the centre to the right
+    identity = torch.tensor([[[1.0, 0, 0], [0, 1, 0]]])
+    theta = images._rotate(identity, torch.tensor([torch.pi / 2]), 1.0)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x, grid, align_corners=False)
+    assert torch.allclose(out, torch.rot90(x, 1, (-2, -1)), atol=1e-5)  # now it points up
+    wide = torch.rand(1, 3, 16, 32)  # half a turn on a non-square image is a flip of both axes
+    theta = images._rotate(identity, torch.tensor([torch.pi]), 2.0)
+    grid = torch.nn.functional.affine_grid(theta, list(wide.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(wide, grid, align_corners=False)
+    assert torch.allclose(out, wide.flip(-1, -2), atol=1e-5)
+    box = torch.zeros(1, 3, 32, 64)
+    box[..., 12:20, 28:36] = 1  # a centred square on a wide image: a quarter turn in pixels keeps it
+    theta = images._rotate(identity, torch.tensor([torch.pi / 2]), 2.0)
+    grid = torch.nn.functional.affine_grid(theta, list(box.shape), align_corners=False)
+    assert torch.allclose(torch.nn.functional.grid_sample(box, grid, align_corners=False), box, atol=1e-5)
+
+
+def bar_angle(out):
+    """Orientation (degrees, counter-clockwise) of each sample's bright bar, from its second moments."""
+    m = out[:, 0]
+    ys, xs = torch.meshgrid(torch.arange(m.shape[-2]).float(), torch.arange(m.shape[-1]).float(), indexing="ij")
+    total = m.sum((1, 2))
+    cx, cy = (m * xs).sum((1, 2)) / total, (m * ys).sum((1, 2)) / total
+    dx, dy = xs - cx.view(-1, 1, 1), -(ys - cy.view(-1, 1, 1))  # y up
+    mu20, mu02, mu11 = (m * dx**2).sum((1, 2)), (m * dy**2).sum((1, 2)), (m * dx * dy).sum((1, 2))
+    return torch.rad2deg(0.5 * torch.atan2(2 * mu11, mu20 - mu02))
+
+
+def test_rotate_draws_angles_within_the_range():
+    x = torch.zeros(200, 3, 64, 64)
+    x[..., 30:34, 12:52] = 1  # a horizontal bar through the centre
+    aug = Augment(crop_scale=None, flip=False, jitter=0, rotate=30, padding="zeros")
+    out = aug(x, torch.Generator().manual_seed(0))
+    angles = bar_angle(out)
+    assert angles.abs().max() <= 31 and angles.max() > 20 and angles.min() < -20
+    assert angles.mean().abs() < 5
+    assert torch.allclose(out[:, :, 32, 32], torch.ones(200, 3), atol=1e-5)  # turned about the centre
+
+
+def test_grey_makes_the_chosen_share_of_samples_luma_grey():
+    x = batch(400, 8, 8)
+    out = Augment(crop_scale=None, flip=False, jitter=0, grey=0.3)(x, torch.Generator().manual_seed(0))
+    ref = x.float() / 255
+    chosen = (out[:, 0] == out[:, 1]).flatten(1).all(1) & (out[:, 1] == out[:, 2]).flatten(1).all(1)
+    assert 0.22 <= chosen.float().mean() <= 0.38
+    luma = (ref * torch.tensor(images._GRAY).view(1, 3, 1, 1)).sum(1)
+    assert torch.allclose(out[chosen, 0], luma[chosen], atol=1e-6)
+    assert torch.equal(out[~chosen], ref[~chosen])
+
+
+def total_variation(x):
+    down = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
+    return down + (x[..., 1:] - x[..., :-1]).abs().flatten(1).mean(1)
+
+
+def test_blur_smooths_the_chosen_share_of_samples():
+    x = batch(200, 64, 64)
+    ref = x.float() / 255
+    out = Augment(crop_scale=None, flip=False, jitter=0, blur=0.5)(x, torch.Generator().manual_seed(0))
+    untouched = (out == ref).flatten(1).all(1)
+    assert 0.38 <= (~untouched).float().mean() <= 0.62
+    smoothed, before = total_variation(out[~untouched]), total_variation(ref[~untouched])
+    assert (smoothed <= before + 1e-6).all() and smoothed.mean() < 0.8 * before.mean()
+    assert torch.allclose(out[~untouched].mean((1, 2, 3)), ref[~untouched].mean((1, 2, 3)), atol=0.01)
+
+
+def test_gaussian_blur_matches_torchvision_for_one_sigma():
+    x = torch.rand(2, 3, 20, 24)
+    ours = images._gaussian_blur(x, torch.tensor([1.5, 0.7]), radius=4)
+    assert torch.allclose(ours[:1], TF.gaussian_blur(x[:1], [9, 9], [1.5, 1.5]), atol=1e-5)
+    assert torch.allclose(ours[1:], TF.gaussian_blur(x[1:], [9, 9], [0.7, 0.7]), atol=1e-5)
+
+
+def test_erase_replaces_one_rectangle_per_chosen_sample():
+    x = torch.full((300, 3, 32, 32), 0.5)
+    out = Augment(crop_scale=None, flip=False, jitter=0, erase=0.5)(x, torch.Generator().manual_seed(0))
+    changed = (out != 0.5).any(1)  # [B, H, W]
+    erased = changed.flatten(1).any(1)
+    assert 0.4 <= erased.float().mean() <= 0.6
+    rows, cols = changed[erased].any(2), changed[erased].any(1)
+    box = rows.sum(1) * cols.sum(1)
+    assert torch.equal(changed[erased].flatten(1).sum(1), box)  # every pixel of its bounding box: a rectangle
+    assert (rows.int().diff(dim=1) != 0).sum(1).le(2).all() and (cols.int().diff(dim=1) != 0).sum(1).le(2).all()
+    assert 0.015 <= box.min() / 1024 and box.max() / 1024 <= 0.22
+    assert ((out != 0.5).all(1) == changed).all()  # all three channels, as noise
+
+
+def test_erase_mean_fills_with_the_sample_channel_means():
+    x = torch.zeros(64, 3, 16, 16)
+    x[..., 8:] = 1  # mean 0.5 per channel
+    aug = Augment(crop_scale=None, flip=False, jitter=0, erase=1, erase_fill="mean")
+    out = aug(x, torch.Generator().manual_seed(1))
+    changed = (out != x).any(1)
+    assert changed.flatten(1).any(1).all()
+    assert torch.allclose(out.permute(0, 2, 3, 1)[changed], torch.full((int(changed.sum()), 3), 0.5))
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"crop_scale": (0.5, 5.0)}, "crop_scale"),
+        ({"crop_scale": (0.0, 1.0)}, "crop_scale"),
+        ({"padding": "edge"}, "padding"),
+        ({"rotate": -1}, "rotate"),
+        ({"rotate": 200}, "rotate"),
+        ({"grey": 1.5}, "grey"),
+        ({"blur": -0.1}, "blur"),
+        ({"erase": 2}, "erase"),
+        ({"erase_fill": "zero"}, "erase_fill"),
+    ],
+)
+def test_bad_augment_values_are_refused_naming_the_field(options, field):
+    with pytest.raises(ValueError, match=rf"Augment's {field} must") as info:
+        Augment(**options)
+    assert "got" in str(info.value)
+
+
+def test_augment_config_builds_the_same_augment_from_yaml(tmp_path):
+    from manyheads.config import ConfigError, load_config
+
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "utkface_wild.yaml")
+    built = load_config(example).fit_kwargs()["augment"]
+    expected = Augment(crop_scale=(0.55, 1.3), ratio=(0.95, 1.05), translate=0.05, padding="border", flip=True,
+                       rotate=10, jitter=0.2, grey=0.1, blur=0.1, erase=0.25)  # fmt: skip
+    assert built == expected
+    text = open(example).read().replace("erase: 0.25", "erase: 0.25\n    erase_fill: mean")
+    (tmp_path / "run.yaml").write_text(text)
+    assert load_config(tmp_path / "run.yaml").fit_kwargs()["augment"].erase_fill == "mean"
+    (tmp_path / "bad.yaml").write_text(text.replace("padding: border", "padding: edge"))
+    with pytest.raises(ConfigError, match="train.augment.padding"):
+        load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_every_new_option_runs_on_cuda():
+    x = batch(8).cuda()
+    aug = Augment(crop_scale=(0.55, 1.3), padding="border", rotate=10, grey=0.5, blur=0.5, erase=0.5, jitter=0.2)
+    a = aug(x, torch.Generator(device="cuda").manual_seed(0))
+    assert a.is_cuda and a.shape == x.shape and 0 <= a.min() <= a.max() <= 1
+    assert torch.equal(a, aug(x, torch.Generator(device="cuda").manual_seed(0)))

@@ -25,8 +25,11 @@ def _with_data(cfg: RunConfig, data: str | None) -> RunConfig:
     """The config with ``--data PATH`` as its data path."""
     if data is None:
         return cfg
-    if cfg.data.source == "shapes":
-        raise ValueError("--data: the shapes source is generated and reads no files; set data.source in the config")
+    from manyheads import sources
+
+    if not sources.get(cfg.data.source).needs_path:
+        raise ValueError(f"--data: the {cfg.data.source} source is generated and reads no files; "
+                         "set data.source in the config")  # fmt: skip
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data})})
 
 
@@ -96,7 +99,9 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from manyheads.net import load
     from manyheads.reports import evaluate_report
+    from manyheads.robustness import shift_names
 
+    shifts = shift_names(args.robustness) if args.robustness else None  # a misspelt shift fails before any work
     run = Path(args.run)
     net = load(runs.model_file(run))
     tta = {"flip": "flip", "none": None}.get(args.tta, net.tta)
@@ -114,8 +119,15 @@ def _evaluate(args: argparse.Namespace) -> None:
         cfg, df = runs.load_test_split(run)
         out = Path(args.out) if args.out else (run / f"eval{suffix}" if suffix else run)
         note = f"The run's test split: {len(df)} rows recorded in split.json, never trained on."
-    report = evaluate_report(net, df, out, inputs=cfg.data.inputs, title="Evaluation report", note=note)
+    if shifts:
+        print(f"robustness: {len(shifts)} shifts ({', '.join(shifts)}), one more inference pass over the "
+              f"{len(df)} rows each", flush=True)  # fmt: skip
+    report = evaluate_report(net, df, out, inputs=cfg.data.inputs, title="Evaluation report", note=note,
+                             robustness=shifts)  # fmt: skip
     print(f"report: {out / 'report.md'}\n{report['rows']} rows: {_headline(report)}")
+    for row in report.get("robustness", {}).get("shifts", [])[1:]:  # after "none", the clean row
+        print(f"  {row['shift']}: " + " | ".join(f"{n} {'–' if v is None else format(v, '.4g')}"
+                                             for n, v in row["metrics"].items()))  # fmt: skip
 
 
 def _image_files(items: Sequence[str]) -> list[str]:
@@ -140,11 +152,13 @@ def _predict(args: argparse.Namespace) -> None:
 
     from manyheads import images
     from manyheads.inference import raw_outputs
-    from manyheads.net import load
+    from manyheads.net import load, set_coverage
 
     net = load(runs.model_file(args.run))
     if net.image_size is None:
         raise ValueError(f"{args.run}: this model takes no images (it has no image_size), so it cannot predict files")
+    if args.coverage is not None:
+        set_coverage(net, args.coverage)
     results = []
     files = _image_files(args.images)
     for start in range(0, len(files), 256):  # decoded once, a bounded number at a time
@@ -158,6 +172,9 @@ def _predict(args: argparse.Namespace) -> None:
                 name: {label: round(p, 6) for label, p in a["probabilities"].items()}
                 for name, a in mine.items() if "probabilities" in a
             }}  # fmt: skip
+            for name, answer in mine.items():  # a calibrated head's interval, uncertainty: "age_interval"
+                extras = {f"{name}_{k}": v for k, v in answer.items() if k not in ("value", "probabilities")}
+                entry["predictions"] |= extras
             results.append(entry)
     if args.json:
         print(json.dumps(results, indent=1))
@@ -165,8 +182,14 @@ def _predict(args: argparse.Namespace) -> None:
     width = max(len(name) for name in net.heads)
     for entry in results:
         print(entry["image"])
-        for name, value in entry["predictions"].items():
+        for name in net.heads:
+            value, predictions = entry["predictions"][name], entry["predictions"]
             text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            if f"{name}_interval" in predictions:
+                low, high = predictions[f"{name}_interval"]
+                text += f"  [{low:.4g}, {high:.4g}]"
+            if predictions.get(f"{name}_uncertain"):
+                text += "  (uncertain)"
             top = sorted(entry["probabilities"].get(name, {}).items(), key=lambda kv: -kv[1])[: args.top]
             if top:
                 text += "   (" + ", ".join(f"{label} {p:.2f}" for label, p in top) + ")"
@@ -185,8 +208,10 @@ def _serve(args: argparse.Namespace) -> None:
     from manyheads.serving import serve
 
     model = Path(args.model)
-    limits = {} if args.max_pixels is None else {"max_pixels": args.max_pixels}
-    serve(runs.model_file(model) if model.is_dir() else model, host=args.host, port=args.port, docs=args.docs, **limits)
+    options = ("workers", "backend", "device", "max_batch", "max_wait_ms", "max_queue", "timeout_s", "max_pixels",
+               "coverage")  # fmt: skip
+    given = {name: getattr(args, name) for name in options if getattr(args, name) is not None}  # the rest: defaults
+    serve(runs.model_file(model) if model.is_dir() else model, host=args.host, port=args.port, docs=args.docs, **given)
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -247,6 +272,9 @@ def _parser() -> argparse.ArgumentParser:
         help="report folder (default: the run folder, or RUN/eval-<data name> with --data; "
         "RUN/eval-tta-<tta> when --tta changes the model's answers)",
     )
+    p.add_argument("--robustness", nargs="?", const="all", metavar="SHIFTS",
+                   help="add each head's primary metric on shifted test photos: all shifts, or some, comma-separated "
+                   "(zoom_out, jpeg30, blur, brightness, greyscale); one more inference pass each")  # fmt: skip
     p.set_defaults(handler=_evaluate)
 
     p = commands.add_parser("predict", help="predict every head for image files")
@@ -254,6 +282,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument("--json", action="store_true", help="print JSON: one object per image")
     p.add_argument("--top", type=int, default=3, help="probabilities shown per classifier head (default 3)")
+    p.add_argument("--coverage", type=float, help="calibrated numbers' intervals at this coverage (default: as fitted)")
     p.set_defaults(handler=_predict)
 
     p = commands.add_parser("export", help="export a run's model to ONNX")
@@ -268,6 +297,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, help="largest image accepted, in pixels (default 40000000); "
                    "checked from the header before decoding, 413 above it")  # fmt: skip
     p.add_argument("--docs", action="store_true", help="also serve /docs and /redoc (their scripts load from a CDN)")
+    p.add_argument("--workers", type=int, help="model processes behind the one port (default 1); each has its own "
+                   "queue and batcher and cores/N threads")  # fmt: skip
+    p.add_argument("--backend", choices=["torch", "onnx"], help="default: as the model file is; onnx on a run folder "
+                   "exports it on the fly to a temporary file")  # fmt: skip
+    p.add_argument("--device", help="cpu (default) or cuda / cuda:N, for the torch backend")
+    p.add_argument("--max-batch", type=int, help="most images per model run (default 16; 1: each request alone)")
+    p.add_argument("--max-wait-ms", type=float, help="longest wait for more images once one is queued (default 5)")
+    p.add_argument("--max-queue", type=int, help="most images waiting for the model (default 128); more: 503 with "
+                   "Retry-After")  # fmt: skip
+    p.add_argument("--timeout-s", type=float, help="seconds from a request's arrival to its answer (default 10); "
+                   "later: 503 with Retry-After")  # fmt: skip
+    p.add_argument("--coverage", type=float, help="calibrated numbers' intervals at this coverage (default: as fitted)")
     p.set_defaults(handler=_serve)
 
     p = commands.add_parser("compare", help="joint model vs one single-head model per head, on the test split")

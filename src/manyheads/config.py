@@ -30,8 +30,18 @@ from pydantic import (
 from manyheads import columns, validation
 from manyheads.heads import Head, head_from_spec
 
-SOURCES = ("utkface", "fairface", "csv", "shapes")  # the data sources runs.load_table reads
-_SOURCE = validation.OneOf(SOURCES)
+
+def _sources() -> dict:
+    """The data sources by name (manyheads.sources.REGISTRY), read when a config is checked."""
+    from manyheads.sources import REGISTRY
+
+    return REGISTRY
+
+
+_SOURCE = validation.OneOf(_sources)
+
+
+CALIBRATION_ROWS = ("calibration", "validation")
 
 
 class ConfigError(ValueError):
@@ -51,12 +61,13 @@ def _check(constraint: validation.Constraint, value: Any) -> Any:
 
 
 class DataConfig(_Section):
-    """Where the table comes from. ``shapes`` generates images (``limit`` of them, default 512)."""
+    """Where the table comes from: a source in ``manyheads.sources``; ``shapes`` generates ``limit`` images (512)."""
 
-    source: str = "shapes"  # one of SOURCES
-    path: str | None = None  # utkface: the image folder; fairface and csv: the label CSV
-    images: str | None = None  # fairface and csv: the folder image paths are relative to (default: the CSV's)
-    image_column: str = "image"  # csv: the column that names image files
+    source: str = "shapes"  # a name in manyheads.sources.REGISTRY
+    path: str | None = None  # utkface: image folder; fairface, csv: label CSV; hf: save_to_disk folder; parquet: file
+    images: str | None = None  # fairface, csv, parquet: the folder image paths are relative to (default: the file's)
+    image_column: str = "image"  # csv, parquet: the column that names image files (or holds their bytes)
+    split: str | None = None  # hf: the split of a DatasetDict (needed when it has more than one)
     inputs: str = "image"  # the input column of the loaded table
     limit: int | None = Field(None, ge=1)  # keep this many rows, evenly spaced
 
@@ -67,7 +78,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _needs_path(self) -> DataConfig:
-        if self.source != "shapes" and not self.path:
+        if _sources()[self.source].needs_path and not self.path:
             raise ValueError(f"the {self.source} source needs data.path (or --data PATH on the command line)")
         return self
 
@@ -178,6 +189,12 @@ class AugmentConfig(_Section):
     translate: float = Field(0.05, ge=0)
     flip: bool = True
     jitter: float = Field(0.1, ge=0, lt=1)
+    padding: Literal["reflection", "border", "zeros"] = "reflection"  # outside the image, when zoomed out
+    rotate: float = Field(0.0, ge=0, le=180)  # degrees
+    grey: float = Field(0.0, ge=0, le=1)  # the share of samples made greyscale
+    blur: float = Field(0.0, ge=0, le=1)
+    erase: float = Field(0.0, ge=0, le=1)
+    erase_fill: Literal["noise", "mean"] = "noise"
 
 
 # What a YAML file can say of fit's options that also take Python objects: names only.
@@ -218,6 +235,7 @@ class TrainConfig(_Section):
     device: str | None = None
     cache_dir: str | None = None
     workers: int | None = None
+    log: list[str] = []  # experiment trackers by name (manyheads.loggers.REGISTRY): fit's loggers=
 
     @field_validator(*validation.FIT_CONSTRAINTS, check_fields=False)
     @classmethod
@@ -225,19 +243,49 @@ class TrainConfig(_Section):
         constraint = _IN_A_FILE.get(info.field_name) or validation.FIT_CONSTRAINTS[info.field_name]
         return _check(constraint, value)
 
+    @field_validator("log")
+    @classmethod
+    def _known_loggers(cls, names: list[str]) -> list[str]:
+        return [_check(validation.LOGGER_NAME, name) for name in names]  # installed: fit checks, before any work
+
 
 class SplitConfig(_Section):
-    """Held-out fractions of all rows: a test split never trained on, and a validation split."""
+    """Held-out fractions of all rows: a test split never trained on, a validation and a calibration split."""
 
     test: float = Field(0.15, ge=0, lt=1)
     validation: float = Field(0.1, ge=0, lt=1)
+    calibration: float = Field(0.0, ge=0, lt=1)  # rows kept apart to calibrate on after training
     seed: int = 0
 
     @model_validator(mode="after")
     def _leaves_training_rows(self) -> SplitConfig:
-        if self.test + self.validation >= 1:
-            raise ValueError(f"test + validation must leave rows to train on, got {self.test} + {self.validation}")
+        if self.test + self.validation + self.calibration >= 1:
+            raise ValueError(f"test + validation + calibration must leave rows to train on, got {self.test} + "
+                             f"{self.validation} + {self.calibration}")  # fmt: skip
         return self
+
+
+class CalibrateConfig(_Section):
+    """Calibration after training (see :func:`manyheads.calibrate`): on which rows, and the intervals.
+
+    ``rows``: ``"calibration"`` (the split's own calibration rows; the default when ``split.calibration``
+    is set) or ``"validation"`` (the validation rows; the default otherwise).
+    """
+
+    rows: str | None = None
+    coverage: float = 0.9
+    interval: str = "adaptive"
+    abstain: dict[str, float] | None = None  # head -> threshold: answers past it are marked uncertain
+
+    @field_validator("rows")
+    @classmethod
+    def _known_rows(cls, rows: str | None) -> str | None:
+        return _check(validation.OneOf(CALIBRATION_ROWS), rows) if rows is not None else None
+
+    @field_validator("coverage", "interval", "abstain")
+    @classmethod
+    def _fit_option(cls, value: Any, info: ValidationInfo) -> Any:
+        return _check(validation.FIT_CONSTRAINTS[info.field_name], value)
 
 
 class RunConfig(_Section):
@@ -248,6 +296,7 @@ class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     split: SplitConfig = SplitConfig()
+    calibrate: CalibrateConfig | None = None  # None: calibrate only when split.calibration keeps rows for it
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -265,7 +314,21 @@ class RunConfig(_Section):
                 raise ValueError(f"train.monitor {column!r} names no head; heads: {sorted(self.heads)}")
         if self.data.inputs in self.heads:
             raise ValueError(f"data.inputs {self.data.inputs!r} is also a head name")
+        rows = self.calibration_rows()
+        if rows is not None and not getattr(self.split, rows):
+            raise ValueError(f"calibrate.rows is {rows!r}, but split.{rows} is 0: set split.{rows} (e.g. 0.1)")
+        unknown = sorted(set(self.calibrate.abstain or {}) - set(self.heads)) if self.calibrate else []
+        if unknown:
+            raise ValueError(f"calibrate.abstain names heads {unknown} that the config does not have")
         return self
+
+    def calibration_rows(self) -> str | None:
+        """Which split's rows the net is calibrated on after training: "calibration", "validation" or None."""
+        if self.calibrate is None:
+            return "calibration" if self.split.calibration else None
+        if self.calibrate.rows is not None:
+            return self.calibrate.rows
+        return "calibration" if self.split.calibration else "validation"
 
     # ---- what the config means for the Python API -------------------------------------------
 
@@ -295,7 +358,8 @@ class RunConfig(_Section):
     def fit_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`manyheads.fit` (all but data, validation and run folder)."""
         t = self.train
-        options = t.model_dump(exclude={"weights", "augment"})
+        options = t.model_dump(exclude={"weights", "augment", "log"})
+        options["loggers"] = list(t.log)
         if isinstance(t.augment, AugmentConfig):
             from manyheads.images import Augment
 
@@ -305,6 +369,9 @@ class RunConfig(_Section):
         options["inputs"] = self.data.inputs
         options["losses"] = {name: head.loss for name, head in self.heads.items() if head.loss}
         options["weights"] = t.weights or {name: head.weight for name, head in self.heads.items()}
+        if self.calibration_rows() is not None:  # "calibration" rows are a table the run passes as calibration=
+            options |= (self.calibrate or CalibrateConfig()).model_dump(exclude={"rows"})
+            options["calibration"] = "validation" if self.calibration_rows() == "validation" else None
         return options
 
     def resolved(self) -> RunConfig:

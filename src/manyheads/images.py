@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from itertools import islice
@@ -68,8 +69,10 @@ class ImageCache:
 def load_rgb(item: Any, size: int) -> torch.Tensor:
     """Decode one image to uint8 [3, size, size]: ``load_rgb("face.jpg", 128)``.
 
-    ``item`` is a file path, a PIL image, or a numpy array / torch tensor: uint8 (or float in
-    [0, 1]) shaped HW, HWC or CHW with 1, 3 or 4 channels (arrays default to HWC, tensors to CHW).
+    ``item`` is a file path, a PIL image, the encoded bytes of an image file, a Hugging Face image
+    value ``{"bytes": ..., "path": ...}`` (the bytes when present, else the path), or a numpy array /
+    torch tensor: uint8 (or float in [0, 1]) shaped HW, HWC or CHW with 1, 3 or 4 channels (arrays
+    default to HWC, tensors to CHW).
     Every mode becomes 8-bit RGB: 16-bit and float images are scaled, not clipped (see
     :func:`_to_rgb`); alpha is dropped, not composited. Files get their EXIF
     orientation applied. The shorter side is resized (antialiased bicubic) to ``size`` and the
@@ -82,6 +85,15 @@ def load_rgb(item: Any, size: int) -> torch.Tensor:
 def _decode(item: Any, size: int, source: str | None = None) -> np.ndarray:
     if _is_path(item):
         return _decode_file(Path(item), size)
+    if _is_bytes(item):
+        return _decode_bytes(bytes(item), size, source or f"<{len(item)} bytes>")
+    if _is_image_dict(item):
+        encoded, path = item.get("bytes"), item.get("path")
+        if encoded is not None:
+            return _decode_bytes(bytes(encoded), size, path or source or f"<{len(encoded)} bytes>")
+        if path:
+            return _decode_file(Path(path), size)
+        raise BadImageError(source or repr(item), "missing value")
     if isinstance(item, Image.Image):
         source = source or getattr(item, "filename", "") or "<PIL image>"
         try:
@@ -92,7 +104,9 @@ def _decode(item: Any, size: int, source: str | None = None) -> np.ndarray:
         return _square(_array_to_pil(item, source or f"<{type(item).__name__} {tuple(item.shape)}>"), size)
     if _is_missing(item):
         raise BadImageError(source or repr(item), "missing value")
-    raise TypeError(f"cannot load an image from {type(item).__name__}; expected a path, PIL image, array or tensor")
+    raise TypeError(
+        f"cannot load an image from {type(item).__name__}; expected a path, PIL image, bytes, array or tensor"
+    )
 
 
 def _decode_file(path: Path, size: int) -> np.ndarray:
@@ -103,15 +117,37 @@ def _decode_file(path: Path, size: int) -> np.ndarray:
         img = Image.open(path)
     except FileNotFoundError:
         raise BadImageError(src, "file not found") from None
-    except UnidentifiedImageError:
-        raise BadImageError(src, "not an image") from None
-    except Image.DecompressionBombError:
-        raise BadImageError(src, "image too large (Pillow's decompression-bomb limit)") from None
-    except OSError as e:  # permissions, a directory, I/O errors
-        if e.errno is None and "truncat" in str(e).lower():  # cut short inside the header: Pillow's OSError
-            kind = Image.registered_extensions().get(path.suffix.lower(), "image")
-            raise BadImageError(src, f"truncated {kind}") from None
-        raise BadImageError(src, f"cannot read file ({e.strerror or e})") from None
+    except (OSError, Image.DecompressionBombError) as e:
+        raise _open_error(e, src, path.suffix) from None
+    return _decode_opened(img, src, size)
+
+
+def _decode_bytes(data: bytes, size: int, source: str) -> np.ndarray:
+    """An image file's encoded bytes (from a Parquet table or a Hugging Face data set), decoded as its file would be."""
+    if not data:
+        raise BadImageError(source, "zero bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (OSError, Image.DecompressionBombError) as e:
+        raise _open_error(e, source, "") from None
+    return _decode_opened(img, source, size)
+
+
+def _open_error(e: Exception, src: str, suffix: str) -> BadImageError:
+    """What went wrong opening an image (before its pixels are read), as a :class:`BadImageError`."""
+    if isinstance(e, UnidentifiedImageError):
+        return BadImageError(src, "not an image")
+    if isinstance(e, Image.DecompressionBombError):
+        return BadImageError(src, "image too large (Pillow's decompression-bomb limit)")
+    # else an OSError: permissions, a directory, I/O errors, or cut short inside the header
+    if getattr(e, "errno", None) is None and "truncat" in str(e).lower():
+        kind = Image.registered_extensions().get(suffix.lower(), "image")
+        return BadImageError(src, f"truncated {kind}")
+    return BadImageError(src, f"cannot read file ({getattr(e, 'strerror', None) or e})")
+
+
+def _decode_opened(img: Image.Image, src: str, size: int) -> np.ndarray:
+    """Pixels of an opened file (or bytes): JPEG draft, load, EXIF orientation, centre square."""
     with img:
         fmt = img.format or "image"
         try:
@@ -237,40 +273,62 @@ def build_cache(
 ) -> ImageCache:
     """Decode all items once into uint8 [N, 3, size, size]: ``build_cache(paths, 128).images``.
 
-    Paths are decoded by a process pool of ``workers`` (default: all CPUs) once there are 64 or
-    more of them. ``on_bad="error"`` raises the first :class:`BadImageError` met (pool order);
-    ``"skip"`` leaves bad items out and lists them in ``.bad`` (``.kept`` maps rows to items).
-    With ``cache_dir`` (paths only) the result is stored as a ``.npy`` keyed on size and each
-    file's absolute path, byte size and mtime; a later call with identical inputs memory-maps it
-    instead of decoding. Temp files (``*.tmp``) left by killed builds are never read.
+    Paths and encoded bytes are decoded by a process pool of ``workers`` (default: all CPUs) once
+    there are 64 or more of them. ``on_bad="error"`` raises the first :class:`BadImageError` met
+    (pool order); ``"skip"`` leaves bad items out and lists them in ``.bad`` (``.kept`` maps rows
+    to items). With ``cache_dir`` the result is stored as a ``.npy`` and memory-mapped. Its key is
+    the size and each item: a file's absolute path, byte size and mtime, or a hash of encoded
+    bytes; a later call with identical inputs memory-maps it instead of decoding. Any other items
+    (PIL images, arrays) are keyed by their decoded pixels, so an identical set shares one file.
+    Temp files (``*.tmp``) left by killed builds are never read.
+
+    ``items`` that are neither a list, tuple, array nor tensor but a ``Sequence`` (a column of a
+    torch Dataset) are streamed: each is read once, in order, and decoded straight into the cache,
+    so with ``cache_dir`` a set larger than memory never sits in memory.
     """
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
-    items = list(items)
+    streamed = isinstance(items, Sequence) and not isinstance(items, (list, tuple, str))
+    if not streamed:
+        items = list(items)
     if cache_dir is None:
         out = np.empty((len(items), 3, size, size), np.uint8)
         kept, bad = _fill(out, items, size, workers, progress, on_bad)
         _compact(out, out, kept)
         return ImageCache(torch.from_numpy(out[: len(kept)]), kept, bad)
+    key = None
+    if not streamed and all(_is_path(it) or _is_missing(it) or _is_encoded(it) for it in items):
+        items = [str(Path(it).absolute()) if _is_path(it) else it for it in items]
+        key = _cache_key(items, size)
+        cached = _open_cached(*_cache_files(cache_dir, size, key), key, size)
+        if cached is not None:
+            return cached
+    return _build_file(Path(cache_dir), items, size, key, workers=workers, progress=progress, on_bad=on_bad)
 
-    if not all(_is_path(it) or _is_missing(it) for it in items):
-        raise ValueError("cache_dir needs every item to be a file path (or a missing value)")
-    paths = [str(Path(it).absolute()) if _is_path(it) else None for it in items]
-    key = _cache_key(paths, size)
+
+def _cache_files(cache_dir: str | os.PathLike[str], size: int, key: str) -> tuple[Path, Path]:
     npy = Path(cache_dir) / f"images-{size}px-{key[:24]}.npy"
-    meta = npy.with_suffix(".json")
-    cached = _open_cached(npy, meta, key, size)
-    if cached is not None:
-        return cached
-    npy.parent.mkdir(parents=True, exist_ok=True)
+    return npy, npy.with_suffix(".json")
+
+
+def _build_file(
+    folder: Path, items: Sequence[Any], size: int, key: str | None, *, workers: int | None, progress: bool, on_bad: str
+) -> ImageCache:
+    """Decode ``items`` into a memory-mapped file in ``folder``; ``key`` None: keyed by the decoded pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    temps = [p.with_name(f"{p.name}.{tag}") for p in (npy, npy.with_suffix(".c.npy"), meta)]
+    temps = [folder / f"images-{size}px-building.{name}.{tag}" for name in ("npy", "c.npy", "json")]
     tmp, tmp2, tmp_meta = temps
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), 3, size, size))
-        kept, bad = _fill(out, paths, size, workers, progress, on_bad)
+        kept, bad = _fill(out, items, size, workers, progress, on_bad)
         if len(kept) == 0:
             return ImageCache(torch.empty((0, 3, size, size), dtype=torch.uint8), kept, bad)
+        key = key or _pixels_key(out, kept, bad, size)
+        npy, meta = _cache_files(folder, size, key)
+        cached = _open_cached(npy, meta, key, size)
+        if cached is not None:  # the same pixels were cached before: keep that file, drop this one
+            return cached
         if bad:
             small = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8, shape=(len(kept), *out.shape[1:]))
             out, tmp = _compact(out, small, kept), tmp2
@@ -291,8 +349,9 @@ def build_cache(
 
 
 def _fill(
-    out: np.ndarray, items: list[Any], size: int, workers: int | None, progress: bool, on_bad: str
+    out: np.ndarray, items: Sequence[Any], size: int, workers: int | None, progress: bool, on_bad: str
 ) -> tuple[torch.Tensor, list[BadRow]]:
+    """Decode ``items`` into ``out`` row by row; a list's paths and bytes go through a process pool."""
     n = len(items)
     workers = (os.cpu_count() or 1) if workers is None else workers
     bad: list[BadRow] = []
@@ -305,31 +364,39 @@ def _fill(
         else:
             out[i] = res
 
-    pooled = [i for i, it in enumerate(items) if _is_path(it)] if workers > 1 else []
-    if len(pooled) < 64:
+    # only a list is looked at before decoding: a streamed column is read once, in order
+    pooled = [i for i, it in enumerate(items) if _is_path(it) or _is_encoded(it)] if isinstance(items, list) else []
+    if len(pooled) < 64 or workers <= 1:
         pooled = []
     with tqdm(total=n, disable=not progress, desc="decoding images", unit="img") as bar:
-        for i in sorted(set(range(n)) - set(pooled)):
-            store(i, _decode_all([items[i]], size, [f"item {i}"])[0])
-            bar.update()
+        in_pool = set(pooled)
+        for i in range(n):
+            if i not in in_pool:
+                store(i, _decode_all([items[i]], size, [f"item {i}"])[0])
+                bar.update()
         if pooled:
-            chunk = max(1, min(64, len(pooled) // (workers * 4)))
-            pool = ProcessPoolExecutor(workers)
-            try:
-                futures = {}
-                for s in range(0, len(pooled), chunk):
-                    idx = pooled[s : s + chunk]
-                    paths = [os.fspath(items[i]) for i in idx]
-                    futures[pool.submit(_decode_all, paths, size, paths)] = idx
-                for fut in as_completed(futures):
-                    for i, res in zip(futures[fut], fut.result()):
-                        store(i, res)
-                    bar.update(len(futures[fut]))
-            finally:
-                pool.shutdown(cancel_futures=True)
+            _fill_pooled(store, bar, [items[i] for i in pooled], pooled, size, workers)
     bad.sort(key=lambda b: b.row)
     dropped = {b.row for b in bad}
     return torch.tensor([i for i in range(n) if i not in dropped], dtype=torch.int64), bad
+
+
+def _fill_pooled(store: Any, bar: Any, items: list[Any], rows: list[int], size: int, workers: int) -> None:
+    """Decode paths and bytes in a process pool, ``store(row, result)`` each as it comes back."""
+    chunk = max(1, min(64, len(rows) // (workers * 4)))
+    pool = ProcessPoolExecutor(workers)
+    try:
+        futures = {}
+        for s in range(0, len(rows), chunk):
+            part = [os.fspath(it) if _is_path(it) else it for it in items[s : s + chunk]]
+            sources = [it if isinstance(it, str) else f"item {i}" for it, i in zip(part, rows[s : s + chunk])]
+            futures[pool.submit(_decode_all, part, size, sources)] = rows[s : s + chunk]
+        for fut in as_completed(futures):
+            for i, res in zip(futures[fut], fut.result()):
+                store(i, res)
+            bar.update(len(futures[fut]))
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def _compact(src: np.ndarray, dst: np.ndarray, kept: torch.Tensor) -> np.ndarray:
@@ -339,14 +406,30 @@ def _compact(src: np.ndarray, dst: np.ndarray, kept: torch.Tensor) -> np.ndarray
     return dst
 
 
-def _cache_key(paths: list[str | None], size: int) -> str:
+def _cache_key(items: list[Any], size: int) -> str:
+    """Key of absolute paths (path, byte size, mtime), encoded bytes (their hash) and missing values."""
     h = hashlib.sha256(f"manyheads.images v1 size={size}\n".encode())
-    for p in paths:
+    for item in items:
+        if _is_image_dict(item):
+            item = item.get("bytes") if item.get("bytes") is not None else item.get("path")
+        if _is_bytes(item):
+            h.update(f"bytes\0{hashlib.sha256(item).hexdigest()}\n".encode())
+            continue
+        p = None if _is_missing(item) else item
         try:
             st = os.stat(p) if p is not None else None
         except OSError:
             st = None
         h.update((f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n" if st else f"{p}\0-\n").encode())
+    return h.hexdigest()
+
+
+def _pixels_key(out: np.ndarray, kept: torch.Tensor, bad: list[BadRow], size: int) -> str:
+    """Key of decoded rows (items that have no cheaper identity: PIL images, arrays, streamed columns)."""
+    h = hashlib.sha256(f"manyheads.images pixels v1 size={size} n={len(out)}\n".encode())
+    for i in kept.tolist():
+        h.update(out[i].data)
+    h.update(json.dumps([[b.row, b.message] for b in bad]).encode())
     return h.hexdigest()
 
 
@@ -364,16 +447,33 @@ def _open_cached(npy: Path, meta: Path, key: str, size: int) -> ImageCache | Non
     return ImageCache(torch.from_numpy(arr), kept, [_bad_item(*b) for b in info["bad"]])
 
 
+_PADDINGS = ("reflection", "border", "zeros")
+_ERASE_FILLS = ("noise", "mean")
+_MAX_CROP_AREA = 4.0  # a window 4x the image's area: the face spans half the frame's side
+_BLUR_SIGMA = (0.1, 2.0)  # pixels at 128 px, scaled with the image's side
+_ERASE_AREA = (0.02, 0.2)  # as torchvision's RandomErasing
+_ERASE_RATIO = (0.3, 3.3)
+
+
 @dataclass(kw_only=True)
 class Augment:
-    """Per-sample random crop, flip and colour jitter for a uint8 batch: ``Augment()(x, gen)``.
+    """Per-sample random crop, flip, rotation and colour for a uint8 batch: ``Augment()(x, gen)``.
 
     The crop picks an area fraction in ``crop_scale`` and an aspect ratio in ``ratio``, shifted
-    by up to ``translate`` of the image beyond the border (reflection padding); crop and flip are
-    one ``affine_grid`` + ``grid_sample``. Jitter scales brightness, contrast and saturation by
-    factors in [1 - jitter, 1 + jitter]. ``crop_scale=None`` turns the crop off; with
-    ``flip=False`` and ``jitter=0`` as well the call is just ``x / 255``. Pass a generator on the
-    batch's device for reproducible draws. Returns float (float32 for uint8 input) in [0, 1].
+    by up to ``translate`` of the image beyond the border. An area above 1 zooms out: the window
+    is larger than the image, so the face shrinks inside the frame (``Augment(crop_scale=(0.6, 1.4),
+    padding="border")``). ``padding`` fills what lies outside the image: "reflection" (mirror),
+    "border" (edge pixels) or "zeros". ``rotate`` turns by a uniform angle in [-rotate, rotate]
+    degrees; crop, flip and rotation are one ``affine_grid`` + ``grid_sample``. Jitter scales
+    brightness, contrast and saturation by factors in [1 - jitter, 1 + jitter]. Then, each with its
+    own probability per sample: ``grey`` (3 equal luma channels), ``blur`` (Gaussian, sigma in
+    [0.1, 2] px at 128 px, scaled with the image) and ``erase`` (one rectangle of 2-20 % of the area,
+    aspect 0.3-3.3, filled with uniform noise or the sample's channel means, ``erase_fill``).
+
+    ``crop_scale=None`` and ``rotate=0`` turn the affine step off; with ``flip=False``, ``jitter=0``
+    and no grey, blur or erase as well the call is just ``x / 255``. The new options are off by
+    default, and while off they draw nothing from the generator. Pass a generator on the batch's
+    device for reproducible draws. Returns float (float32 for uint8 input) in [0, 1].
     """
 
     crop_scale: tuple[float, float] | None = (0.8, 1.0)
@@ -381,12 +481,30 @@ class Augment:
     translate: float = 0.05
     flip: bool = True
     jitter: float = 0.1
+    padding: str = "reflection"
+    rotate: float = 0.0
+    grey: float = 0.0
+    blur: float = 0.0
+    erase: float = 0.0
+    erase_fill: str = "noise"
 
     def __post_init__(self) -> None:
-        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= _MAX_CROP_AREA:
+            raise ValueError(
+                f"Augment's crop_scale must satisfy 0 < low <= high <= {_MAX_CROP_AREA:g} (area fractions; "
+                f"above 1 zooms out), got {self.crop_scale}"
+            )
         if not 0 <= self.jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+            raise ValueError(f"Augment's jitter must be in [0, 1), got {self.jitter}")
+        if not 0 <= self.rotate <= 180:
+            raise ValueError(f"Augment's rotate must be in [0, 180] degrees, got {self.rotate}")
+        for name in ("grey", "blur", "erase"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"Augment's {name} must be a probability in [0, 1], got {getattr(self, name)}")
+        for name, choices in (("padding", _PADDINGS), ("erase_fill", _ERASE_FILLS)):
+            if getattr(self, name) not in choices:
+                allowed = ", ".join(map(repr, choices))
+                raise ValueError(f"Augment's {name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = _to_float(batch)
@@ -394,31 +512,119 @@ class Augment:
             raise ValueError(f"expected a batch [B, 3, H, W], got shape {tuple(x.shape)}")
         b = x.shape[0]
         u = torch.rand(b, 8, generator=generator, device=x.device, dtype=torch.float32)
+        # Drawn only when a newer option is on, so default runs keep their draws (and checkpoints their streams).
+        extra = self.rotate > 0 or self.grey > 0 or self.blur > 0 or self.erase > 0
+        v = torch.rand(b, 9, generator=generator, device=x.device, dtype=torch.float32) if extra else None
         sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if self.flip else torch.ones_like(u[:, 4])
+        if self.crop_scale is not None or self.rotate > 0:
+            theta = self._theta(u, v, sign, x.shape[-1] / x.shape[-2])
+            grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode=self.padding, align_corners=False)
+        elif self.flip:
+            x = torch.where((sign < 0).view(b, 1, 1, 1), x.flip(-1), x)
+        if self.jitter > 0:
+            x = self._jitter(x, u[:, 5:8])
+        if v is not None:
+            x = self._grey_blur_erase(x, v, generator)
+        return x.clamp(0, 1)
+
+    def _theta(self, u: torch.Tensor, v: torch.Tensor | None, sign: torch.Tensor, aspect: float) -> torch.Tensor:
+        """[B, 2, 3] maps output to input coordinates: turn, flip, then the crop window and its shift."""
         if self.crop_scale is not None:
             lo, hi = self.crop_scale
             area = lo + (hi - lo) * u[:, 0]
             log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * u[:, 1]
-            # Normalised coordinates span 2 per image side, so half-width == side fraction.
-            w = (area * log_r.exp()).sqrt().clamp(max=1.0)
-            h = (area / log_r.exp()).sqrt().clamp(max=1.0)
-            cx = (1 - w + 2 * self.translate) * (2 * u[:, 2] - 1)
-            cy = (1 - h + 2 * self.translate) * (2 * u[:, 3] - 1)
-            zero = torch.zeros_like(w)
-            theta = torch.stack([torch.stack([w * sign, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
-            grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        elif self.flip:
-            x = torch.where((sign < 0).view(b, 1, 1, 1), x.flip(-1), x)
-        if self.jitter > 0:
-            f = (1 + self.jitter * (2 * u[:, 5:8] - 1)).to(x.dtype).view(b, 3, 1, 1, 1)
+            # Normalised coordinates span 2 per image side, so half-width == side fraction. A side is
+            # capped at the image's while the area is at most 1; zoomed-out windows may exceed it.
+            cap = area.clamp(min=1.0)
+            w = torch.minimum((area * log_r.exp()).sqrt(), cap)
+            h = torch.minimum((area / log_r.exp()).sqrt(), cap)
+            # Zoomed in, the window roams inside the image; zoomed out, the image roams inside it.
+            cx = ((1 - w).abs() + 2 * self.translate) * (2 * u[:, 2] - 1)
+            cy = ((1 - h).abs() + 2 * self.translate) * (2 * u[:, 3] - 1)
+        else:
+            w = h = torch.ones_like(sign)
+            cx = cy = torch.zeros_like(sign)
+        zero = torch.zeros_like(w)
+        theta = torch.stack([torch.stack([w * sign, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+        if v is None or self.rotate == 0:
+            return theta
+        return _rotate(theta, math.radians(self.rotate) * (2 * v[:, 0] - 1), aspect)
+
+    def _jitter(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        f = (1 + self.jitter * (2 * u - 1)).to(x.dtype).view(x.shape[0], 3, 1, 1, 1)
+        gray_w = _constant(_GRAY, x.dtype, x.device).view(1, 3, 1, 1)
+        x = (x * f[:, 0]).clamp(0, 1)
+        mean = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        x = ((x - mean) * f[:, 1] + mean).clamp(0, 1)
+        gray = (x * gray_w).sum(1, keepdim=True)
+        return (x - gray) * f[:, 2] + gray
+
+    def _grey_blur_erase(self, x: torch.Tensor, v: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        b, _, height, width = x.shape
+        if self.grey > 0:
             gray_w = _constant(_GRAY, x.dtype, x.device).view(1, 3, 1, 1)
-            x = (x * f[:, 0]).clamp(0, 1)
-            mean = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-            x = ((x - mean) * f[:, 1] + mean).clamp(0, 1)
-            gray = (x * gray_w).sum(1, keepdim=True)
-            x = (x - gray) * f[:, 2] + gray
-        return x.clamp(0, 1)
+            grey = (x * gray_w).sum(1, keepdim=True).expand_as(x)
+            x = torch.where((v[:, 1] < self.grey).view(b, 1, 1, 1), grey, x)
+        if self.blur > 0:
+            scale = min(height, width) / 128
+            sigma = (_BLUR_SIGMA[0] + (_BLUR_SIGMA[1] - _BLUR_SIGMA[0]) * v[:, 3]) * scale
+            blurred = _gaussian_blur(x, sigma, radius=math.ceil(3 * _BLUR_SIGMA[1] * scale))
+            x = torch.where((v[:, 2] < self.blur).view(b, 1, 1, 1), blurred, x)
+        if self.erase > 0:
+            mask = _erase_mask(v[:, 5:9], height, width) & (v[:, 4] < self.erase).view(b, 1, 1)
+            if self.erase_fill == "noise":
+                fill = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+            else:
+                fill = x.mean((2, 3), keepdim=True).expand_as(x)
+            x = torch.where(mask.unsqueeze(1), fill, x)
+        return x
+
+
+def _rotate(theta: torch.Tensor, angle: torch.Tensor, aspect: float) -> torch.Tensor:
+    """``theta`` [B, 2, 3] with each sample first turned by its ``angle`` (radians): ``_rotate(theta, a, w / h)``.
+
+    The turn is in pixels, so a non-square image (``aspect`` = width / height) is not sheared.
+    """
+    cos, sin = angle.cos(), angle.sin()
+    turn = torch.stack([torch.stack([cos, -sin / aspect], 1), torch.stack([sin * aspect, cos], 1)], 1)
+    return torch.cat([theta[:, :, :2] @ turn.to(theta.dtype), theta[:, :, 2:]], 2)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Blur each sample of ``x`` [B, C, H, W] with its own ``sigma`` [B] (pixels): ``_gaussian_blur(x, s, 6)``.
+
+    Separable: two depthwise convolutions, reflection at the edges (as torchvision's gaussian_blur).
+    """
+    b, c, height, width = x.shape
+    radius = max(0, min(radius, height - 1, width - 1))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma.to(x.dtype).view(b, 1)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B * C, K]
+    y = F.pad(x.reshape(1, b * c, height, width), (radius, radius, 0, 0), mode="reflect")
+    y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c).view(b, c, height, width)
+
+
+def _erase_mask(v: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """One rectangle per sample as a bool mask [B, H, W], from 4 uniforms per sample: ``_erase_mask(u, 32, 32)``.
+
+    Area fraction in [0.02, 0.2] and aspect ratio (height / width) in [0.3, 3.3], log-uniform, as
+    torchvision's RandomErasing; sides are clipped to the image instead of redrawn.
+    """
+    area = (_ERASE_AREA[0] + (_ERASE_AREA[1] - _ERASE_AREA[0]) * v[:, 0]) * height * width
+    lo, hi = math.log(_ERASE_RATIO[0]), math.log(_ERASE_RATIO[1])
+    ratio = (lo + (hi - lo) * v[:, 1]).exp()
+    eh = (area * ratio).sqrt().round().clamp(1, height)
+    ew = (area / ratio).sqrt().round().clamp(1, width)
+    top = (v[:, 2] * (height - eh + 1)).floor()
+    left = (v[:, 3] * (width - ew + 1)).floor()
+    rows = torch.arange(height, device=v.device, dtype=v.dtype).view(1, -1)
+    cols = torch.arange(width, device=v.device, dtype=v.dtype).view(1, -1)
+    in_rows = (rows >= top.view(-1, 1)) & (rows < (top + eh).view(-1, 1))
+    in_cols = (cols >= left.view(-1, 1)) & (cols < (left + ew).view(-1, 1))
+    return in_rows.unsqueeze(2) & in_cols.unsqueeze(1)
 
 
 def _to_float(batch: torch.Tensor) -> torch.Tensor:
@@ -449,23 +655,38 @@ def _is_path(v: Any) -> bool:
     return isinstance(v, (str, os.PathLike))
 
 
+def _is_bytes(v: Any) -> bool:
+    return isinstance(v, (bytes, bytearray, memoryview))
+
+
+def _is_image_dict(v: Any) -> bool:
+    """A Hugging Face image value (``{"bytes": ..., "path": ...}``, as its Image feature stores it)."""
+    return isinstance(v, Mapping) and bool(v) and set(v) <= {"bytes", "path"}
+
+
+def _is_encoded(v: Any) -> bool:
+    """An image file's bytes, or a Hugging Face image value: decoded like a file, keyed without decoding."""
+    return _is_bytes(v) or _is_image_dict(v)
+
+
 def _is_missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or type(v).__name__ in ("NAType", "NaTType")
 
 
 def looks_like_images(column: Iterable[Any]) -> bool:
-    """Whether a column holds images (paths, PIL images, uint8 2/3-D arrays): ``looks_like_images(df["img"])``.
+    """Whether a column holds images (paths, PIL images, bytes, uint8 2/3-D arrays): ``looks_like_images(df["img"])``.
 
     Looks at the first 5 non-missing values (among the first 1000); all must look like images.
+    Reads no more of the column than that (a streamed column reads those rows only).
     """
-    values = [v for v in islice(iter(column), 1000) if not _is_missing(v)][:5]
+    values = list(islice((v for v in islice(iter(column), 1000) if not _is_missing(v)), 5))
     return bool(values) and all(_looks_like_image(v) for v in values)
 
 
 def _looks_like_image(v: Any) -> bool:
     if _is_path(v):
         return os.fspath(v).lower().endswith(IMAGE_SUFFIXES)
-    if isinstance(v, Image.Image):
+    if isinstance(v, Image.Image) or _is_encoded(v):
         return True
     if isinstance(v, (np.ndarray, torch.Tensor)):
         return v.dtype == (torch.uint8 if isinstance(v, torch.Tensor) else np.uint8) and v.ndim in (2, 3)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,23 +67,10 @@ def missing_data(data: DataConfig) -> Path | None:
 
 
 def load_table(cfg: RunConfig) -> pd.DataFrame:
-    """The config's data as a DataFrame with an ``image`` column and one column per label."""
-    data = cfg.data
-    if data.source == "shapes":
-        size = max(16, min(cfg.model.image_size, 128))  # generate at the training size: no resizing
-        return datasets.shapes(data.limit or 512, size=size, seed=cfg.split.seed)
-    path = Path(data.path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"data not found: {path} (data.path of the {data.source} source; or pass --data PATH)")
-    if data.source == "utkface":
-        return datasets.utkface(path, limit=data.limit)
-    if data.source == "fairface":
-        df = datasets.fairface(path, data.images or path.parent)
-    else:
-        df = datasets.from_csv(path, data.images, image_column=data.image_column)
-    if data.limit is not None and data.limit < len(df):  # evenly spaced rows, as utkface(limit=) keeps
-        df = df.iloc[np.linspace(0, len(df) - 1, data.limit).round().astype(int)].reset_index(drop=True)
-    return df
+    """The config's data as a DataFrame with an ``image`` column and one column per label (``manyheads.sources``)."""
+    from manyheads import sources
+
+    return sources.load(cfg.data, image_size=cfg.model.image_size, seed=cfg.split.seed)
 
 
 @dataclass
@@ -93,6 +80,7 @@ class Split:
     train: np.ndarray
     validation: np.ndarray
     test: np.ndarray
+    calibration: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @classmethod
     def of(cls, n: int, split: SplitConfig) -> Split:
@@ -104,11 +92,14 @@ class Split:
         from manyheads import encoding
 
         n_test, n_val = encoding.held_out(n, split.test), encoding.held_out(n, split.validation)
-        if n - n_test - n_val < 1:
-            raise ValueError(f"{n} rows leave none to train on after a {split.test} test and "
-                             f"{split.validation} validation split; use more data or smaller fractions")  # fmt: skip
-        test, validation, train = encoding.seeded_parts(n, [n_test, n_val], split.seed)
-        return cls(train, validation, test)
+        n_cal = encoding.held_out(n, split.calibration)
+        if n - n_test - n_val - n_cal < 1:
+            raise ValueError(f"{n} rows leave none to train on after a {split.test} test, {split.validation} "
+                             f"validation and {split.calibration} calibration split; use more data or smaller "
+                             f"fractions")  # fmt: skip
+        # calibration rows come after the others: without them, every other part is the same as before
+        test, validation, calibration, train = encoding.seeded_parts(n, [n_test, n_val, n_cal], split.seed)
+        return cls(train, validation, test, calibration)
 
     def parts(self, df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
         """(train, validation or None, test or None) as DataFrames."""
@@ -117,6 +108,10 @@ class Split:
             return df.iloc[rows].reset_index(drop=True) if len(rows) else None
 
         return take(self.train), take(self.validation), take(self.test)
+
+    def calibration_part(self, df: pd.DataFrame) -> pd.DataFrame | None:
+        """The calibration rows as a DataFrame, or None when the split keeps none."""
+        return df.iloc[self.calibration].reset_index(drop=True) if len(self.calibration) else None
 
 
 def _image_keys(cfg: RunConfig, paths: pd.Series) -> list[str]:
@@ -194,9 +189,12 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, p
     train_df, val_df, test_df = split.parts(df)
     if cfg.train.seed is not None:
         torch.manual_seed(cfg.train.seed)  # the head layers' initial weights too: a config reruns the same
+    options = cfg.fit_kwargs()
+    if cfg.calibration_rows() == "calibration":
+        options["calibration"] = split.calibration_part(df)
     result = fit(
         cfg.build_net(), train_df, validation=val_df, run_dir=out, resume=out if resume else None,
-        progress=progress, **cfg.fit_kwargs(),
+        progress=progress, **options,
     )  # fmt: skip
     if not is_main() or test_df is None:
         return result, None

@@ -25,11 +25,13 @@ import torch
 from torch import nn
 
 from manyheads import balancing, checkpoint, columns, encoding
+from manyheads import loggers as tracking  # fit's own `loggers` is the list of trackers
 from manyheads import validation as validation_rules  # fit's own `validation` is the validation data
 from manyheads.allocator import keep_freed_memory
 from manyheads.distributed import Cluster
 from manyheads.heads import Head
 from manyheads.images import Augment
+from manyheads.inference import calibrate as calibrate_net
 from manyheads.inference import score
 from manyheads.losses import fit_to_data, resolve, trivial_losses
 from manyheads.metrics import EpochLosses, EpochOutputs
@@ -83,7 +85,12 @@ def fit(
     cache_dir: str | Path | None = None,
     workers: int | None = None,
     callbacks: list[Callable[[dict], Any]] | None = None,
+    loggers: list[Any] | None = None,
     allow_unlabelled_heads: bool = False,
+    calibration: Any = None,
+    coverage: float = 0.9,
+    interval: str = "adaptive",
+    abstain: Mapping[str, float] | None = None,
 ) -> TrainResult:
     """Train every head of ``net`` jointly on ``train`` and return a :class:`TrainResult`.
 
@@ -131,6 +138,15 @@ def fit(
             too); resume: continue the run in that folder where it stopped (refused when an
             option that matters differs from the run's, see :func:`manyheads.validation.check_resume`).
         callbacks: called with each epoch's history row; returning False stops training.
+        loggers: experiment trackers by name (``"tensorboard"``, ``"mlflow"``, see :mod:`manyheads.loggers`)
+            or objects with ``start``, ``log_epoch`` and ``finish``; only rank 0 logs, and a resume
+            continues the trackers' run.
+
+    Calibration (after training, on rows it did not train on; see :func:`manyheads.calibrate`):
+        calibration: ``"validation"`` (the validation rows), a fraction of ``train`` held out for
+            it (seeded), or a table of labelled rows; None (default): the net answers as trained.
+        coverage, interval, abstain: the intervals' coverage (0.9) and kind (``"adaptive"`` or
+            ``"plain"``), and per-head thresholds below which an answer is marked uncertain.
     """
     given = dict(locals())  # the arguments as passed: checked before any work, recorded in checkpoints
     validation_rules.check_fit_options(**given)
@@ -141,12 +157,13 @@ def fit(
     device, cluster = _join(device)
     saved, run_dir, seed = _resume_point(resume, run_dir, seed, cluster)
     torch.manual_seed(seed)
+    train, calibration_rows = _calibration_rows(train, calibration, validation, seed)
 
     image_size = image_size or net.image_size
     options = validation_rules.options_record(
         **{name: given[name] for name in RECORDED}, image_size=image_size, inputs=inputs, seed=seed,
         heads={n: h.spec() for n, h in heads.items()}, losses={n: loss.name for n, loss in resolved.items()},
-        validation=_fraction_or_table(validation),
+        validation=_fraction_or_table(validation), calibration=_fraction_or_table(calibration),
     )  # fmt: skip
     if saved is not None:  # a resume with other settings is refused before the (possibly long) data stage
         TrainingState.check_resumable(saved, options, ema is not None, run_dir)
@@ -184,6 +201,8 @@ def fit(
     if saved is not None:
         state.restore(saved)
     path = run_dir / checkpoint.NAME if run_dir is not None else None
+    trackers = tracking.create(loggers, main=cluster.is_main)  # told the start, each epoch's row and the end
+    trackers.start(tracking.Run(options, run_dir, resumed=saved is not None, epoch=state.epoch))
 
     # ---- the loop ---------------------------------------------------------------------------
     first, partial = state.step, state.partial  # a resumed run starts mid-epoch: at this step, with these sums
@@ -221,6 +240,7 @@ def fit(
         row |= _validation_columns(scored, data.validation, resolved, current, batch_size, amp)
         row |= _epoch_columns(current, scheduler, t0, tally.skipped if on_nonfinite == "skip" else None)
         state.rows.append(row)
+        trackers.log_epoch(row)
         selector.update(row, scored)
         if progress:
             cluster.on_main(print, _summary(row, names), flush=True)
@@ -230,7 +250,14 @@ def fit(
             break
         first, partial = 0, None
 
-    return _finish(state, scored, resolved, data.bad, cluster, run_dir)
+    def calibrate(best: MultiHeadNet) -> dict[str, dict[str, float]]:
+        rows = data.validation if _is_validation(calibration) else calibration_rows
+        settings = {"coverage": coverage, "interval": interval, "abstain": abstain, "inputs": data.input_column}
+        return {} if rows is None else calibrate_net(best, rows, batch_size=batch_size, on_bad=on_bad, **settings)
+
+    result = _finish(state, scored, resolved, data.bad, cluster, run_dir, calibrate)
+    trackers.finish(result)  # after the run folder is written: its files are the trackers' artifacts
+    return result
 
 
 # ---- set-up ----------------------------------------------------------------------------------
@@ -433,13 +460,42 @@ def _callbacks_stop(callbacks: list[Callable[[dict], Any]] | None, row: dict) ->
     return any(answer is False for answer in said)
 
 
+def _is_validation(calibration: Any) -> bool:
+    return isinstance(calibration, str) and calibration == "validation"  # not == on a table: elementwise
+
+
+def _calibration_rows(train: Any, calibration: Any, validation: Any, seed: int) -> tuple[Any, Any]:
+    """(training rows, calibration rows or None): a fraction is held out of ``train`` by a seeded split.
+
+    A DataFrame keeps its index, so errors still name the user's rows; rows of other tables are
+    then named by their position among the rows kept for training (a Dataset's images stay lazy).
+    """
+    if _is_validation(calibration):
+        if validation is None:
+            raise ValueError("calibration='validation' needs validation rows: pass validation= (a fraction or a "
+                             "table), or give calibration a fraction or a table of its own")  # fmt: skip
+        return train, None
+    if not isinstance(calibration, float):
+        return train, calibration
+    import pandas as pd
+
+    table = train if isinstance(train, pd.DataFrame) else encoding.columns_of(train, "train")
+    kept, held = encoding.split_rows(len(table) if isinstance(table, pd.DataFrame) else encoding.n_rows(table),
+                                     calibration, seed + 1)  # fmt: skip  # not the validation split's draw
+    if isinstance(table, pd.DataFrame):
+        return table.iloc[kept], table.iloc[held]
+    return encoding.take(table, kept), encoding.take(table, held)
+
+
 def _finish(
-    state: TrainingState, scored: nn.Module, resolved, bad: list[BadRow], cluster: Cluster, run_dir: Path | None
-) -> TrainResult:
-    """The net at its best epoch (or the average), the result, and the run folder written (rank 0)."""
+    state: TrainingState, scored: nn.Module, resolved, bad: list[BadRow], cluster: Cluster, run_dir: Path | None,
+    calibrate: Callable[[MultiHeadNet], dict],
+) -> TrainResult:  # fmt: skip
+    """The net at its best epoch (or the average), calibrated, the result, and the run folder written (rank 0)."""
     net, selector = state.net, state.selector
     if selector.state is not None or state.average is not None:
         net.load_state_dict(selector.state if selector.state is not None else scored.state_dict())
+    calibrated = calibrate(net)
     cluster.barrier()
     import pandas as pd
 
@@ -447,6 +503,7 @@ def _finish(
         net=net.eval(), history=pd.DataFrame(state.rows), losses=resolved, best_epoch=selector.epoch,
         monitor=selector.name, skipped=bad, seed=state.seed,
         best_per_head={h: {"epoch": b["epoch"], "state": b["state"]} for h, b in selector.head_best.items()},
+        calibration=calibrated,
     )  # fmt: skip
     if run_dir is not None:
         cluster.on_main(result.write, run_dir)

@@ -4,7 +4,7 @@ Every option of :func:`manyheads.fit` that has a constraint is declared once, in
 :data:`FIT_CONSTRAINTS`, as a small declarative constraint (:class:`Interval`, :class:`Integer`,
 :class:`OneOf`, :class:`Optional`, :class:`AnyOf`, :class:`MappingOf`, :class:`Predicate`).
 Choices are read from the registries they come from (``optim.OPTIMIZERS``, ``optim.SCHEDULES``,
-``precision.PRECISIONS``, ``balancing.STRATEGIES``, ``losses.REGISTRY``, ``heads.REGISTRY``),
+``precision.PRECISIONS``, ``balancing.STRATEGIES``, ``losses.REGISTRY``, ``heads.REGISTRY``, ``loggers.REGISTRY``),
 at check time, so this module imports nothing heavy itself. Every refusal has one form::
 
     The 'warmup' parameter of fit must be a fraction in [0, 1); got 5.0.
@@ -251,6 +251,56 @@ class MappingOf(Constraint):
         return f"a mapping {self.keys} -> {self.values.description}"
 
 
+class ListOf(Constraint):
+    """A list or tuple whose every item the inner constraint accepts; a refusal shows the item."""
+
+    def __init__(self, items: Constraint) -> None:
+        self.items = items
+
+    def accepts(self, value: Any) -> bool:
+        return self.problem(value) is None
+
+    def applies(self, value: Any) -> bool:
+        return isinstance(value, list | tuple)
+
+    def problem(self, value: Any) -> str | None:
+        if not isinstance(value, list | tuple):
+            return show(value)
+        return next((found for item in value if (found := self.items.problem(item)) is not None), None)
+
+    @property
+    def description(self) -> str:
+        return f"a list of ({self.items.description})"
+
+
+class Installed(Constraint):
+    """A name in a registry whose class's ``installed()`` is true; a refusal names the extra to install.
+
+    Installed(_registry("manyheads.loggers", "REGISTRY"))  # got 'mlflow', whose package ... pip install "..."
+    """
+
+    def __init__(self, registry: Callable[[], Mapping[str, Any]]) -> None:
+        self.registry, self.names = registry, OneOf(registry)
+
+    def accepts(self, value: Any) -> bool:
+        return self.problem(value) is None
+
+    def applies(self, value: Any) -> bool:
+        return isinstance(value, str)
+
+    def problem(self, value: Any) -> str | None:
+        if not self.names.accepts(value):
+            return show(value)
+        cls = self.registry()[value]
+        if cls.installed():
+            return None
+        return f'{show(value)}, whose package {cls.package!r} is not installed: pip install "manyheads[{cls.extra}]"'
+
+    @property
+    def description(self) -> str:
+        return self.names.description
+
+
 class Predicate(Constraint):
     """A value ``test`` accepts; ``kind`` says which values it is about (for the message among alternatives)."""
 
@@ -309,6 +359,12 @@ def _is_loss_name(value: Any) -> bool:
     return isinstance(value, str) and canonical_loss(value) in REGISTRY
 
 
+def _is_logger(value: Any) -> bool:
+    from manyheads.loggers import is_logger
+
+    return is_logger(value)
+
+
 def _loss_names() -> str:
     from manyheads.losses import REGISTRY
 
@@ -332,6 +388,11 @@ LOSS = AnyOf(
 )
 WEIGHT = Interval(0, None, closed="left", what="a finite number")
 FRACTION = Interval(0, 1, closed="left", what="a fraction")
+LOGGER_NAME = OneOf(_registry("manyheads.loggers", "REGISTRY"))  # the run config's train.log
+LOGGER = AnyOf(
+    Installed(_registry("manyheads.loggers", "REGISTRY")),
+    Predicate(_is_logger, "an object with start, log_epoch and finish", kind=lambda v: not isinstance(v, str)),
+)
 
 FIT_CONSTRAINTS: dict[str, Constraint] = {
     "epochs": Integer(min=1),
@@ -360,6 +421,18 @@ FIT_CONSTRAINTS: dict[str, Constraint] = {
     "checkpoint_every": Optional(Integer(min=1)),
     "workers": Optional(Integer(min=0)),
     "image_size": Optional(Integer(min=1)),
+    "loggers": Optional(ListOf(LOGGER)),
+    "calibration": Optional(
+        AnyOf(  # the table first: "validation" in [...] would compare a DataFrame elementwise
+            Predicate(lambda v: not isinstance(v, str | bool | int | float), "a table of labelled rows",
+                      kind=lambda v: not isinstance(v, str | bool | int | float)),
+            OneOf(["validation"]),
+            Interval(0, 1, closed="neither", what="a fraction of the training rows"),
+        )
+    ),
+    "coverage": Interval(0, 1, closed="neither", what="a fraction"),
+    "interval": OneOf(_registry("manyheads.calibration", "INTERVALS")),
+    "abstain": Optional(MappingOf(Interval(0, None, closed="neither", what="a threshold"))),
 }
 
 
@@ -474,9 +547,10 @@ def check_backbone(name: str) -> str:
 # ---- resuming --------------------------------------------------------------------------------------
 
 SAFE_ON_RESUME = frozenset(
-    {"progress", "callbacks", "device", "workers", "cache_dir", "run_dir", "resume", "checkpoint_every"}
+    {"progress", "callbacks", "device", "workers", "cache_dir", "run_dir", "resume", "checkpoint_every", "loggers"}
 )
-SAFE_IN_CONFIG = frozenset({"data.path", "data.images"})  # a moved data folder; split.json still pins the test rows
+# a moved data folder (split.json still pins the test rows); trackers (train.log) may be added or dropped
+SAFE_IN_CONFIG = frozenset({"data.path", "data.images", "train.log"})
 _ABSENT = "(not set)"
 
 
@@ -548,7 +622,7 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], where: An
     losses, weights, batch_size, lr, trunk_lr, optimizer, schedule, warmup, precision, ema, seed,
     augment, normalize, monitor, patience, ...): every option not listed as safe. Safe, so
     allowed: ``progress``, ``callbacks``, ``device``, ``workers``, ``cache_dir``, ``run_dir``,
-    ``resume`` and ``checkpoint_every``; ``seed=None`` (take the run's own); and more ``epochs``
+    ``resume``, ``checkpoint_every`` and ``loggers``; ``seed=None`` (take the run's own); and more ``epochs``
     when the run's schedule is None or ``"constant"`` (a cosine or one-cycle schedule spans the
     epochs it was started with, so extending it is refused). Options one record lacks (a
     checkpoint from before an option existed) are not compared.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,11 @@ from manyheads import encoding
 from manyheads.heads import Head
 from manyheads.inference import encode_for, raw_outputs
 from manyheads.reports import markdown as md
+from manyheads.reports.groups import slug, value_ranges
 from manyheads.reports.plots import pyplot
+from manyheads.reports.robustness import robustness_lines, robustness_section
+from manyheads.reports.trust import trust_lines, trust_section
+from manyheads.robustness import shift_names
 
 LEVEL, RESAMPLES = 0.95, 1000  # bootstrap intervals: coverage and number of resamples (seeded)
 METRIC_ORDER = ("mae", "rmse", "mae_bins", "accuracy", "auroc", "macro_f1")
@@ -54,27 +58,12 @@ def _interval(head: Head, output: torch.Tensor, target: torch.Tensor, metric: st
     return {"metric": metric, "level": LEVEL, "low": float(low), "high": float(high), "resamples": RESAMPLES}
 
 
-def _bin_width(span: float) -> float:
-    """A power of ten giving 4 or more bins (decades for ages), doubled or times 5 to keep 12 at most."""
-    base = 10.0 ** math.floor(math.log10(max(span, 1e-9) / 4))
-    for step in (1, 2, 5):
-        if span / (base * step) <= 12:
-            return base * step
-    return base * 10
-
-
 def _by_range(true: np.ndarray, predicted: np.ndarray) -> list[dict]:
     """MAE and mean signed error per range of the true value (decades for ages)."""
-    width = _bin_width(float(true.max() - true.min()))
-    start = math.floor(true.min() / width) * width
-    index = np.floor((true - start) / width + 1e-9).astype(int)
-    whole = width >= 1 and float(width).is_integer() and np.all(true == np.round(true))
     rows = []
-    for i in np.unique(index):
-        lo, hi = start + i * width, start + (i + 1) * width
-        error = predicted[index == i] - true[index == i]
-        label = f"{lo:g}-{hi - 1:g}" if whole else f"[{lo:g}, {hi:g})"
-        rows.append({"range": label, "low": lo, "high": hi, "rows": int(error.size),
+    for label, low, high, members in value_ranges(true):
+        error = predicted[members] - true[members]
+        rows.append({"range": label, "low": low, "high": high, "rows": int(error.size),
                      "mae": float(np.abs(error).mean()), "bias": float(error.mean())})  # fmt: skip
     return rows
 
@@ -114,17 +103,20 @@ def evaluate_report(
     title: str = "Evaluation report",
     note: str | None = None,
     batch_size: int = 256,
+    robustness: bool | str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``net`` on a labelled table and write report.md, metrics.json and plots into ``out_dir``.
 
     Metrics use the rows labelled for each head; unreadable images or invalid labels are skipped
-    and listed. Returns what metrics.json holds (NaN as None).
+    and listed. Returns what metrics.json holds (NaN as None). ``robustness`` (True, or shift names as
+    "zoom_out,jpeg30") adds each head's primary metric on shifted photos: one more inference pass per shift.
 
         report = evaluate_report(result.net, test_df, "runs/faces"); report["fairness"]["race"]
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heads = dict(net.heads)
+    shifts = shift_names(robustness) if robustness else []  # a misspelt shift fails before any work
     encoded = encode_for(net, table_or_df, inputs=inputs, on_bad="skip")
     if len(encoded) == 0:
         raise ValueError(f"no usable rows to evaluate: all {len(encoded.bad)} were skipped, "
@@ -157,6 +149,12 @@ def evaluate_report(
         if head.groups and encoded.labelled[group].any():
             report["fairness"][group] = _group_table(heads, group, raw, encoded)
             _plot_fairness(group, heads, report["fairness"][group], out / f"fairness_by_{_slug(group)}.png")
+    trust = trust_section(heads, raw, encoded, out)  # calibrated heads only
+    if trust is not None:
+        report["trust"] = trust
+    if shifts:  # optional: one more pass over the test rows per shift
+        report["robustness"] = robustness_section(net, table_or_df, report["heads"], shifts, inputs=inputs,
+                                                  batch_size=batch_size)  # fmt: skip
     report = _json_safe(report)
     (out / "metrics.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(_markdown(net, report))
@@ -166,8 +164,7 @@ def evaluate_report(
 # ---- files ------------------------------------------------------------------------------------
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+_slug = slug
 
 
 def _json_safe(value: Any) -> Any:
@@ -236,6 +233,8 @@ def _markdown(net, report: dict) -> str:
                                                   for x in gap)])  # fmt: skip
         lines += [f"### by {group}", "", f"![fairness by {group}](fairness_by_{_slug(group)}.png)", ""]
         lines += md.table(header, rows)
+    lines += trust_lines(report)
+    lines += robustness_lines(report)
     return "\n".join(lines)
 
 
