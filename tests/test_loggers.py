@@ -214,3 +214,25 @@ def test_yaml_train_log_takes_registered_names(tmp_path, monkeypatch):
         load_config(path, ["train.log=[wandb]"])
     monkeypatch.setitem(loggers.REGISTRY, "wandb", Recorder)  # the names come from the registry
     assert load_config(path, ["train.log=[wandb]"]).train.log == ["wandb"]
+
+
+def test_a_config_run_gives_its_trackers_the_test_report_written_after_fit(tmp_path, monkeypatch):
+    import mlflow
+
+    from manyheads import runs
+    from manyheads.config import parse_config
+
+    clean_mlflow_setting(monkeypatch, tmp_path)
+    cfg = parse_config({"data": {"source": "shapes", "limit": 120, "inputs": "image"},
+                        "model": {"backbone": "resnet18", "image_size": 24}, "heads": {"size": {"kind": "regression"}},
+                        "train": {"epochs": 1, "log": ["mlflow", "tensorboard"]}})  # fmt: skip
+    runs.train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    run = mlflow.search_runs(experiment_names=["manyheads"], output_format="list")[0]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"report.md", "metrics.json", "size_errors.png", "model.safetensors"} <= artifacts
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "figures/size_errors" in events.Tags()["images"]

@@ -203,7 +203,12 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, p
     )
     note = (f"Test split: {len(test_df)} of {len(df)} rows ({cfg.split.test:.0%}) of {where}, split seed "
             f"{cfg.split.seed}; held out before training, never trained on.")  # fmt: skip
-    return result, evaluate_report(result.net, test_df, out, inputs=cfg.data.inputs, title="Test report", note=note)
+    written = time.time()
+    report = evaluate_report(result.net, test_df, out, inputs=cfg.data.inputs, title="Test report", note=note)
+    from manyheads import loggers
+
+    loggers.add_files(cfg.train.log, out, [p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= written])
+    return result, report
 
 
 def model_file(run: str | os.PathLike) -> Path:

@@ -7,8 +7,10 @@ interface (start, log_epoch, finish). Each needs its extra: ``pip install "manyh
     mh.fit(net, df, run_dir="runs/faces", loggers=["tensorboard", "mlflow"])
 """
 
-from manyheads.loggers.base import REGISTRY, Logger, Loggers, Run, create, is_logger, register
+from manyheads.loggers.base import REGISTRY, Logger, Loggers, Run, add_files, create, is_logger, register
 from manyheads.loggers.mlflow import MLflow
 from manyheads.loggers.tensorboard import TensorBoard
 
-__all__ = ["MLflow", "REGISTRY", "Logger", "Loggers", "Run", "TensorBoard", "create", "is_logger", "register"]
+__all__ = [
+    "MLflow", "REGISTRY", "Logger", "Loggers", "Run", "TensorBoard", "add_files", "create", "is_logger", "register",
+]  # fmt: skip

@@ -72,6 +72,10 @@ class Logger:
     def finish(self, result: TrainResult) -> None:
         """Training is over and the run folder (if any) holds the model, history and figures."""
 
+    @classmethod
+    def add_files(cls, run_dir: Path, paths: list[Path]) -> None:
+        """Files written into ``run_dir`` after the run finished (the test report), added to its tracker run."""
+
 
 REGISTRY: dict[str, type[Logger]] = {}
 
@@ -132,6 +136,16 @@ def create(specs: Iterable[Any] | None, *, main: bool = True) -> Loggers:
     if not main or not specs:
         return Loggers()
     return Loggers(REGISTRY[spec]() if isinstance(spec, str) else spec for spec in specs)
+
+
+def add_files(specs: Iterable[Any] | None, run_dir: Path, paths: list[Path]) -> None:
+    """Give the registered trackers of a finished run the files written after it (``manyheads train``'s report).
+
+    add_files(["mlflow"], Path("runs/faces"), [Path("runs/faces/report.md")])
+    """
+    for spec in specs or []:
+        if isinstance(spec, str):
+            REGISTRY[spec].add_files(run_dir, paths)
 
 
 def flatten(options: Mapping[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:

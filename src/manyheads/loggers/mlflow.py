@@ -112,6 +112,20 @@ class MLflow(Logger):
             self.client.log_artifact(self.run_id, str(path), None if folder == "." else folder)
 
 
+    @classmethod
+    def add_files(cls, run_dir: Path, paths: list[Path]) -> None:
+        """The files as artifacts of the run recorded in ``run_dir/mlflow.json`` (a finished run takes them too)."""
+        from mlflow.tracking import MlflowClient
+
+        record = _read_record(run_dir)
+        if record is None:
+            return
+        client = MlflowClient(tracking_uri(record))
+        for path in paths:
+            folder = path.relative_to(run_dir).parent.as_posix()
+            client.log_artifact(record["run_id"], str(path), None if folder == "." else folder)
+
+
 def _read_record(run_dir: Path | None) -> dict | None:
     """The MLflow run a resumed run folder was logged to, or None (it was not)."""
     path = run_dir / RECORD if run_dir is not None else None

@@ -79,11 +79,29 @@ class TensorBoard(Logger):
 
     def _figures(self, run_dir: Path) -> None:
         """Every PNG figure in the run folder (the learning curves, ...) as an image at the last step."""
-        import numpy as np
-        from PIL import Image
+        _add_images(self.writer, run_dir, sorted(run_dir.rglob("*.png")), self.step)
 
-        for path in sorted(run_dir.rglob("*.png")):
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"))
-            name = path.relative_to(run_dir).with_suffix("").as_posix()
-            self.writer.add_image(f"figures/{name}", pixels, global_step=self.step, dataformats="HWC")
+    @classmethod
+    def add_files(cls, run_dir: Path, paths: list[Path]) -> None:
+        """The report's figures, at the run's last step, in the run folder's event files."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        figures = [path for path in paths if path.suffix == ".png"]
+        history = run_dir / "history.csv"
+        if not figures or not (run_dir / FOLDER).is_dir() or not history.is_file():
+            return
+        step = max(0, len(history.read_text().strip().splitlines()) - 1)  # epochs: the rows under the header
+        writer = SummaryWriter(run_dir / FOLDER)
+        _add_images(writer, run_dir, figures, step)
+        writer.close()
+
+
+def _add_images(writer: Any, run_dir: Path, paths: list[Path], step: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for path in paths:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        name = path.relative_to(run_dir).with_suffix("").as_posix()
+        writer.add_image(f"figures/{name}", pixels, global_step=step, dataformats="HWC")
