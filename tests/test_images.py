@@ -645,7 +645,7 @@ def test_augment_config_builds_the_same_augment_from_yaml(tmp_path):
 
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "utkface_wild.yaml")
     built = load_config(example).fit_kwargs()["augment"]
-    expected = Augment(crop_scale=(0.55, 1.3), ratio=(0.95, 1.05), translate=0.05, padding="border", flip=True,
+    expected = Augment(crop_scale=(0.6, 2.0), ratio=(0.95, 1.05), translate=0.05, padding="border", flip=True,
                        rotate=10, jitter=0.2, grey=0.1, blur=0.1, erase=0.25)  # fmt: skip
     assert built == expected
     text = open(example).read().replace("erase: 0.25", "erase: 0.25\n    erase_fill: mean")
