@@ -1,9 +1,12 @@
+import time
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import manyheads as mh
+from manyheads.datasets import UTKFACE_RACES
 
 RACES = ["a", "b", "c"]
 
@@ -28,6 +31,34 @@ def make_net(seed: int = 0, heads: dict | None = None) -> mh.MultiHeadNet:
     torch.manual_seed(seed)
     trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
     return mh.MultiHeadNet(trunk, heads or make_heads())
+
+
+class Sleep(nn.Module):
+    """Makes a model slow, deterministically: every forward pass takes ``seconds`` more."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x
+
+
+def slow_image_net(seconds: float = 0.0) -> mh.MultiHeadNet:
+    """A tiny 32-px image net (age, gender, race) whose answers differ per image; each pass ``seconds`` longer."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(
+        Sleep(seconds), nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+    heads = {"age": mh.Regression(), "gender": mh.Binary(["male", "female"]), "race": mh.Categorical(UTKFACE_RACES)}
+    net = mh.MultiHeadNet(trunk, heads, image_size=32).eval()
+    net(torch.zeros(1, 3, 32, 32))
+    with torch.no_grad():
+        for layer in net.head_layers.values():
+            layer.linear.weight.mul_(30)  # answers far apart (a mix-up cannot pass for rounding), bars that differ
+        net.head_layers["age"].center.fill_(40.0)
+    return net
 
 
 def half_written_save(error: Exception):

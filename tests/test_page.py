@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
-import manyheads as mh
+from conftest import slow_image_net
 from manyheads.serving import create_app, serve_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
@@ -30,36 +29,9 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"needs {CHROMIUM}: apt-get install -y chromium", allow_module_level=True)
 
 
-class Sleep(nn.Module):
-    """Makes the model slow, deterministically: each forward pass takes ``seconds`` more."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__()
-        self.seconds = seconds
-
-    def forward(self, x):
-        time.sleep(self.seconds)
-        return x
-
-
-def tiny_net(seconds: float = 0.0) -> mh.MultiHeadNet:
-    torch.manual_seed(0)
-    trunk = nn.Sequential(
-        Sleep(seconds), nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
-    )
-    heads = {"age": mh.Regression(), "gender": mh.Binary(["male", "female"]), "race": mh.Categorical(RACES)}
-    net = mh.MultiHeadNet(trunk, heads, image_size=32).eval()
-    net(torch.zeros(1, 3, 32, 32))
-    with torch.no_grad():
-        for layer in net.head_layers.values():
-            layer.linear.weight.mul_(30)  # spread the probabilities so the bars differ
-        net.head_layers["age"].center.fill_(40.0)
-    return net
-
-
 @pytest.fixture(scope="module")
 def url():
-    with serve_in_thread(create_app(tiny_net())) as base:
+    with serve_in_thread(create_app(slow_image_net())) as base:
         yield base
 
 
@@ -123,7 +95,7 @@ def shown_age(page, photo) -> str:
 
 
 def test_the_page_gets_its_own_answer_while_the_batcher_is_busy(page, tmp_path):
-    net = tiny_net(0.05)
+    net = slow_image_net(0.05)
     photo = random_png(tmp_path / "mine.png", 5)
     expected = f"{net.predict([photo])['age'][0]:.1f}"
     others = [random_png(tmp_path / f"other{i}.png", 50 + i).read_bytes() for i in range(4)]
@@ -160,7 +132,7 @@ def wait_until(condition, seconds: float = 10) -> None:
 def test_the_page_waits_and_retries_when_the_queue_is_full(page, tmp_path):
     photo = random_png(tmp_path / "mine.png", 6)
     blob = random_png(tmp_path / "other.png", 7).read_bytes()
-    net = tiny_net(2.0)
+    net = slow_image_net(2.0)
     expected = f"{net.predict([photo])['age'][0]:.1f}"
     with serve_in_thread(create_app(net, max_batch=1, max_queue=1)) as base:
         page.goto(base + "/")
@@ -180,7 +152,7 @@ def test_the_page_waits_and_retries_when_the_queue_is_full(page, tmp_path):
 
 
 def test_a_calibrated_model_shows_the_interval_and_the_uncertain_mark(page, tmp_path):
-    net = tiny_net()
+    net = slow_image_net()
     values = torch.linspace(0, 80, 400)
     net.heads["age"].calibrate(values, values + torch.randn(400, generator=torch.Generator().manual_seed(0)) * 5,
                                coverage=0.8)  # fmt: skip

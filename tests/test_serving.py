@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import manyheads as mh
+from conftest import slow_image_net
 from manyheads.batching import Batcher, QueueFull
 from manyheads.export import export_onnx
 from manyheads.serving import create_app, load_model, serve_in_thread
@@ -191,33 +192,6 @@ def test_models_that_cannot_be_served_are_refused(tmp_path):
         create_app(tabular)
 
 
-class Sleep(nn.Module):
-    """Makes the model slow, deterministically: every forward pass takes ``seconds`` more."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__()
-        self.seconds = seconds
-
-    def forward(self, x):
-        time.sleep(self.seconds)
-        return x
-
-
-def slow_net(seconds: float) -> mh.MultiHeadNet:
-    """A tiny net whose answers differ from image to image, each forward pass taking ``seconds`` longer."""
-    torch.manual_seed(0)
-    trunk = nn.Sequential(
-        Sleep(seconds), nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
-    )
-    heads = {"age": mh.Regression(), "gender": mh.Binary(["male", "female"]), "race": mh.Categorical(RACES)}
-    net = mh.MultiHeadNet(trunk, heads, image_size=32).eval()
-    net(torch.zeros(1, 3, 32, 32))
-    with torch.no_grad():
-        for layer in net.head_layers.values():
-            layer.linear.weight.mul_(30)  # answers far apart, so a mix-up cannot pass for rounding
-    return net
-
-
 def metrics(url: str) -> dict[str, float]:
     """/metrics parsed: sample name with its labels (``name{k=v}``) -> value."""
     text = httpx.get(url + "/metrics").text
@@ -236,7 +210,7 @@ def post_one(url: str, blob: bytes) -> httpx.Response:
 
 
 def test_concurrent_requests_each_get_their_own_answer_in_shared_batches(tmp_path):
-    net = slow_net(0.05)
+    net = slow_image_net(0.05)
     blobs = [photo(100 + i) for i in range(20)]
     paths = [tmp_path / f"{i}.png" for i in range(20)]
     for path, blob in zip(paths, blobs):
@@ -282,7 +256,7 @@ def test_the_batcher_waits_briefly_only_for_requests_on_their_way():
 
 
 def test_a_full_queue_answers_503_with_retry_after():
-    with serve_in_thread(create_app(slow_net(0.3), max_batch=1, max_queue=2)) as url:
+    with serve_in_thread(create_app(slow_image_net(0.3), max_batch=1, max_queue=2)) as url:
         with ThreadPoolExecutor(10) as pool:
             responses = list(pool.map(lambda i: post_one(url, photo(i)), range(10)))
         seen = metrics(url)
@@ -296,7 +270,7 @@ def test_a_full_queue_answers_503_with_retry_after():
 
 
 def test_a_request_past_its_timeout_gets_503_and_leaves_the_queue():
-    with serve_in_thread(create_app(slow_net(1.0), max_batch=1, timeout_s=0.4)) as url:
+    with serve_in_thread(create_app(slow_image_net(1.0), max_batch=1, timeout_s=0.4)) as url:
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(post_one, url, photo(1))
             time.sleep(0.2)
