@@ -479,11 +479,12 @@ def _calibration_rows(train: Any, calibration: Any, validation: Any, seed: int) 
         return train, calibration
     import pandas as pd
 
-    table = train if isinstance(train, pd.DataFrame) else encoding.columns_of(train, "train")
-    kept, held = encoding.split_rows(len(table) if isinstance(table, pd.DataFrame) else encoding.n_rows(table),
-                                     calibration, seed + 1)  # fmt: skip  # not the validation split's draw
-    if isinstance(table, pd.DataFrame):
-        return table.iloc[kept], table.iloc[held]
+    seed += 1  # not the validation split's draw
+    if isinstance(train, pd.DataFrame):
+        kept, held = encoding.split_rows(len(train), calibration, seed)
+        return train.iloc[kept], train.iloc[held]
+    table = encoding.columns_of(train, "train")
+    kept, held = encoding.split_rows(encoding.n_rows(table), calibration, seed)
     return encoding.take(table, kept), encoding.take(table, held)
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from manyheads.calibration import fit_temperature
+from manyheads.registry import add_to
 from manyheads.rows import BadRow, RowError
 
 Encoded = tuple[torch.Tensor, torch.Tensor]  # (target, labelled mask)
@@ -39,15 +40,7 @@ def register(kind: str) -> Callable[[type[Head]], type[Head]]:
     @register("regression") class Regression(Head): ...
     """
 
-    def add(cls: type[Head]) -> type[Head]:
-        if kind in REGISTRY and REGISTRY[kind] is not cls:
-            taken = REGISTRY[kind].__name__
-            raise ValueError(f"a head kind {kind!r} is registered already ({taken}); register yours under another name")
-        cls.kind = kind
-        REGISTRY[kind] = cls
-        return cls
-
-    return add
+    return add_to(REGISTRY, kind, what="head kind", attribute="kind")
 
 
 def head_from_spec(spec: Mapping, name: str | None = None) -> Head:

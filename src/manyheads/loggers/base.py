@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from manyheads.registry import add_to
+
 if TYPE_CHECKING:
     from manyheads.result import TrainResult
 
@@ -86,15 +88,7 @@ def register(name: str) -> Callable[[type[Logger]], type[Logger]]:
     @register("tensorboard") class TensorBoard(Logger): ...
     """
 
-    def add(cls: type[Logger]) -> type[Logger]:
-        if name in REGISTRY and REGISTRY[name] is not cls:
-            taken = REGISTRY[name].__name__
-            raise ValueError(f"a logger {name!r} is registered already ({taken}); register yours under another name")
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-
-    return add
+    return add_to(REGISTRY, name, what="logger", attribute="name")
 
 
 def is_logger(value: Any) -> bool:
