@@ -53,13 +53,17 @@ def test_flagship_example_is_valid():
     cfg = load_config(EXAMPLES / "utkface.yaml")
     assert cfg.data.source == "utkface" and cfg.data.path == "../shared/data/utkface"
     assert {name: head.kind for name, head in cfg.heads.items()} == {
-        "age": "regression",
+        "age": "distribution",
         "gender": "binary",
         "race": "categorical",
     }
+    assert (cfg.heads["age"].loss, cfg.heads["age"].min, cfg.heads["age"].max) == ("dldl", 0, 120)
     assert cfg.heads["race"].labels == mh.datasets.UTKFACE_RACES
     assert (cfg.model.backbone, cfg.model.pretrained, cfg.model.image_size) == ("mobilenet_v2", True, 128)
-    assert (cfg.split.test, cfg.split.seed) == (0.15, 0)
+    assert (cfg.split.test, cfg.split.validation, cfg.split.seed) == (0.15, 0.1, 0)
+    assert cfg.calibration_rows() == "validation" and cfg.train.epochs == 12
+    chips = load_config(EXAMPLES / "utkface_chips.yaml")  # the earlier recipe, kept as the baseline
+    assert chips.heads["age"].kind == "regression" and chips.calibration_rows() is None
 
 
 @pytest.mark.parametrize(

@@ -643,7 +643,7 @@ def test_bad_augment_values_are_refused_naming_the_field(options, field):
 def test_augment_config_builds_the_same_augment_from_yaml(tmp_path):
     from manyheads.config import ConfigError, load_config
 
-    example = os.path.join(os.path.dirname(__file__), "..", "examples", "utkface_wild.yaml")
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "utkface.yaml")
     built = load_config(example).fit_kwargs()["augment"]
     expected = Augment(crop_scale=(0.6, 2.0), ratio=(0.95, 1.05), translate=0.05, padding="border", flip=True,
                        rotate=10, jitter=0.2, grey=0.1, blur=0.1, erase=0.25)  # fmt: skip
