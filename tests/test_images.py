@@ -200,6 +200,13 @@ def test_cache_is_reused_without_decoding(tmp_path, monkeypatch):
     assert sorted(p.suffix for p in (tmp_path / "c").iterdir()) == [".json", ".npy"]
 
 
+def test_a_cache_built_skipping_bad_items_still_refuses_them_under_error(tmp_path):
+    items = make_files(tmp_path) + [tmp_path / "missing.png"]
+    build_cache(items, 16, cache_dir=tmp_path / "c", workers=1, progress=False, on_bad="skip")
+    with pytest.raises(BadImageError, match="missing.png: file not found.*on_bad='skip'"):
+        build_cache(items, 16, cache_dir=tmp_path / "c", workers=1, progress=False)
+
+
 @pytest.mark.parametrize("change", ["mtime", "content", "list", "size"])
 def test_cache_rebuilds_on_change(tmp_path, monkeypatch, change):
     files = make_files(tmp_path)
