@@ -154,3 +154,26 @@ def test_reference_loop_holds_out_the_split_it_is_given(faces, monkeypatch):
     section = reference_loop.main(["--tiny", "--data", str(faces), "--workers", "1", "--split-seed", "3"])
     assert seeds == [3]
     assert "test split of split seed 3" in section and "split.seed=3" in section
+
+
+def test_stream_throughput_quick_compares_the_stream_with_the_cache_and_breaks_it_down(faces):
+    pytest.importorskip("webdataset")
+    import stream_throughput
+
+    section = stream_throughput.main(["--quick", "--data", str(faces), "--shard-size", "4", "--batch", "4"])
+    rows = {row[0]: row for row in table_rows(section)}
+    assert float(rows["mh.fit from the uint8 cache (memory-mapped)"][2]) == 1
+    stream = next(row for name, row in rows.items() if name.startswith("mh.fit from 3 shards"))
+    assert float(stream[1]) > 0
+    stages = [row for name, row in rows.items() if "alone" in name]
+    assert len(stages) == 5 and all(float(row[1]) > 0 for row in stages)
+    assert "Command: `python benchmarks/stream_throughput.py --quick" in section
+
+
+def test_stream_memory_quick_reports_resident_memory_over_the_run():
+    import stream_memory
+
+    section = stream_memory.main(["--quick", "--steps", "20", "--samples", "10000", "--workers", "0"])
+    row = next(row for row in table_rows(section) if row[0] == "training process")
+    start, peak = float(row[1]), float(row[3])
+    assert 0 < start <= peak and "20 steps of 32 (640 samples of a stream of 10000)" in section

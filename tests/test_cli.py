@@ -330,3 +330,55 @@ def test_compare_is_wired(trained, capsys, monkeypatch, tmp_path):
     assert len(options["validation"]) == 5 and options["epochs"] == 1 and options["losses"] == {"age": "mae"}
     net = seen["net_factory"]({"age": mh.Regression()})
     assert net.backbone == "mobilenet_v3_small" and net.image_size == 64 and list(net.heads) == ["age"]
+
+
+# ---- manyheads shard, and training on the shards -------------------------------------------------------
+
+
+def test_shard_splits_a_config_into_shards_that_a_webdataset_config_trains_and_reports_on(tmp_path, capsys):
+    pytest.importorskip("webdataset")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "data": {"source": "utkface", "path": str(faces(tmp_path / "faces"))}}))
+    code, out, err = run_cli(capsys, "shard", config, "--out", tmp_path / "shards", "--split", "--shard-size", "8",
+                             "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert "wrote 5 shards (000000.tar .. 000004.tar), 36 samples" in out  # 48 rows: 36 train, 5 validation, 7 test
+    assert f'path: "{tmp_path}/shards/train/{{000000..000004}}.tar"' in out
+    assert f'test: "{tmp_path}/shards/test/000000.tar"' in out and "steps_per_epoch: 2" in out
+    assert (tmp_path / "shards" / "train" / "labels.jsonl").read_text().count("\n") == 36
+    code, _, err = run_cli(capsys, "shard", config, "--out", tmp_path / "shards", "--split")
+    assert code == 2 and "already holds shards (000000.tar" in err and "nothing was written" in err
+
+    stream = {**TINY, "data": {"source": "webdataset", "path": f"{tmp_path}/shards/train/{{000000..000004}}.tar",
+                               "validation": f"{tmp_path}/shards/validation/000000.tar",
+                               "test": f"{tmp_path}/shards/test/000000.tar"},
+              "train": {**TINY["train"], "steps_per_epoch": 2, "workers": 0}}  # fmt: skip
+    stream.pop("split")
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(stream))
+    code, out, err = run_cli(capsys, "train", tmp_path / "stream.yaml", "--out", tmp_path / "run", "--quiet")
+    assert code == 0, err
+    assert "test split (7 rows, never trained on)" in out
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history["train/race/labels"].tolist() == [2 * 16] and history["val/race/labels"].tolist() == [5]
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["test_rows"] == 7
+    code, out, err = run_cli(capsys, "evaluate", tmp_path / "run")  # the run's test rows: data.test
+    assert code == 0 and "7 rows:" in out, err
+
+
+def test_shard_names_a_bad_file_and_what_is_missing(tmp_path, capsys):
+    pytest.importorskip("webdataset")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(folder / f"{i}.jpg")
+    (folder / "2.jpg").write_bytes((folder / "2.jpg").read_bytes()[:100])  # cut short
+    pd.DataFrame({"image": ["0.jpg", "1.jpg", "2.jpg"], "age": [1, None, 3]}).to_csv(folder / "labels.csv", index=False)
+    code, _, err = run_cli(capsys, "shard", folder / "labels.csv", "--out", tmp_path / "out")
+    assert code == 2 and f"row 2 ({folder / '2.jpg'}): truncated JPEG" in err and "--on-bad skip" in err
+    assert not list((tmp_path / "out").glob("*.tar"))  # nothing half-written is left
+    code, out, err = run_cli(capsys, "shard", folder / "labels.csv", "--out", tmp_path / "out", "--on-bad", "skip")
+    assert code == 0 and "2 samples" in out and "skipped 1 bad rows, e.g. row 2" in out, err
+    code, _, err = run_cli(capsys, "shard", folder / "nope.csv", "--out", tmp_path / "x")
+    assert code == 2 and "nope.csv not found" in err
+    code, _, err = run_cli(capsys, "shard", folder, "--out", tmp_path / "x")
+    assert code == 2 and "name what it is with --source" in err

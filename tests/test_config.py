@@ -2,6 +2,7 @@
 
 import inspect
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,27 @@ def test_resolved_paths_are_absolute_and_yaml_round_trips(tmp_path):
     resolved = cfg.resolved()
     assert resolved.data.path == os.path.abspath("faces") and cfg.data.path == "faces"
     assert parse_config(yaml.safe_load(resolved.to_yaml())) == resolved
+
+
+def test_a_stream_source_has_steps_per_epoch_and_held_out_tables_not_a_split():
+    stream = {**GOOD, "data": {"source": "webdataset", "path": "shards/{000000..000009}.tar",
+                               "validation": "val.csv"}, "train": {"steps_per_epoch": 100}}  # fmt: skip
+    cfg = parse_config(stream)
+    assert cfg.data.is_stream() and cfg.fit_kwargs()["steps_per_epoch"] == 100
+    resolved = cfg.resolved()  # no split applies: the run's config.yaml says so, and reads back
+    assert (resolved.split.test, resolved.split.validation) == (0, 0)
+    assert resolved.data.validation == os.path.abspath("val.csv")
+    assert parse_config(yaml.safe_load(resolved.to_yaml())) == resolved
+    piped = parse_config({**stream, "data": {**stream["data"], "path": "pipe:curl -s http://x/{0..9}.tar"}})
+    assert piped.resolved().data.path == "pipe:curl -s http://x/{0..9}.tar"  # a URL is not made a path
+    refusals = [
+        ({**stream, "train": {}}, "train.steps_per_epoch: the webdataset source is a stream, which has no length"),
+        ({**stream, "split": {"test": 0.2}}, "split.test is a fraction of a table; the webdataset source is a stream"),
+        ({**stream, "data": {**stream["data"], "limit": 10}}, "data.limit does not apply to the webdataset source"),
+        ({**GOOD, "train": {"steps_per_epoch": 5}}, "train.steps_per_epoch applies to stream sources"),
+        ({**GOOD, "data": {**GOOD["data"], "test": "t.csv"}}, "data.test names the held-out rows of a stream source"),
+        ({**stream, "train": {"steps_per_epoch": 0}}, "train.steps_per_epoch: must be an integer >= 1 or None; got 0"),
+    ]
+    for raw, words in refusals:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            parse_config(raw)

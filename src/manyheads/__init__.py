@@ -5,7 +5,7 @@ net = mh.MultiHeadNet("mobilenet_v2", {"age": mh.Regression(), "gender": mh.Bina
 result = mh.fit(net, df, losses={"age": "mae"}, weights={"gender": 5})
 """
 
-from manyheads import datasets
+from manyheads import datasets, streams
 from manyheads.compare import compare
 from manyheads.heads import Binary, Categorical, Distribution, Head, MultiLabel, Ordinal, Regression
 from manyheads.inference import calibrate, evaluate
@@ -18,5 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Binary", "Categorical", "Distribution", "Head", "MultiHeadNet", "MultiLabel", "Ordinal", "Regression",
-    "TrainResult", "calibrate", "compare", "datasets", "evaluate", "fit", "load", "set_coverage", "write_comparison",
+    "TrainResult", "calibrate", "compare", "datasets", "evaluate", "fit", "load", "set_coverage", "streams",
+    "write_comparison",
 ]  # fmt: skip

@@ -1,7 +1,8 @@
-"""The command line: train, evaluate, predict, export, serve and compare, driven by a YAML config.
+"""The command line: train, evaluate, predict, export, serve, compare and shard, driven by a YAML config.
 
     manyheads train examples/utkface.yaml --out runs/faces train.epochs=2
     manyheads predict runs/faces face.jpg --json
+    manyheads shard labels.csv --out shards --shard-size 1000   # WebDataset shards, to stream
 
 Errors in the input (config, paths, images) print one line to stderr and exit with status 2.
 Under ``torchrun --nproc_per_node=N -m manyheads train ...`` only rank 0 writes and prints.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -112,7 +114,7 @@ def _evaluate(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{run / 'config.yaml'} not found: give the run folder made by `manyheads train`")
         cfg = _with_data(load_config(run / "config.yaml"), str(Path(args.data).resolve()))
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": args.limit})})
-        df = runs.load_table(cfg)
+        df = runs.load_rows(cfg)
         out = Path(args.out) if args.out else run / f"eval-{Path(args.data).stem}{suffix}"
         note = f"All {len(df)} rows of the {cfg.data.source} data at {cfg.data.path}."
     else:
@@ -220,6 +222,9 @@ def _compare(args: argparse.Namespace) -> None:
     from manyheads.reports import summarize, write_comparison
 
     cfg = _with_data(load_config(args.config, args.overrides), args.data)
+    if cfg.data.is_stream():
+        raise ValueError(f"{args.config}: compare trains on tables, and the {cfg.data.source} source is a stream; "
+                         "compare on a table source (e.g. the CSV the shards were written from)")  # fmt: skip
     runs.check_offline(cfg.model)
     df = runs.load_table(cfg)
     train, validation, test = runs.Split.of(len(df), cfg.split).parts(df)
@@ -241,6 +246,84 @@ def _compare(args: argparse.Namespace) -> None:
     write_comparison(table, out)
     print(summarize(table).to_string(index=False))
     print(f"comparison: {out / 'comparison.md'} (difference > 0: the joint model is better)")
+
+
+def _shard_tables(args: argparse.Namespace) -> tuple[dict[str, object], int]:
+    """The tables `manyheads shard` writes (by subfolder; "" for --out itself) and the batch size of the hint.
+
+    TABLE is a CSV or Parquet file, a data folder read as ``--source`` (utkface, hf, ...), or a run
+    config, whose data it writes whole, or with ``--split`` as its train, validation and test parts.
+    """
+    from manyheads import sources
+    from manyheads.config import DataConfig
+
+    path = Path(args.table)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: give a label CSV or Parquet file, a data folder or a run config")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        cfg = load_config(path, args.overrides)
+        if cfg.data.is_stream():
+            raise ValueError(f"{path}: its data is shards already (data.source {cfg.data.source})")
+        df = runs.load_table(cfg)
+        if not args.split:
+            return {"": df}, cfg.train.batch_size
+        if cfg.split.calibration:
+            raise ValueError(f"{path}: --split writes train, validation and test shards; set split.calibration=0 "
+                             "(a stream calibrates on data.validation)")  # fmt: skip
+        train, validation, test = runs.Split.of(len(df), cfg.split).parts(df)
+        found = {"train": train, "validation": validation, "test": test}
+        return {name: part for name, part in found.items() if part is not None}, cfg.train.batch_size
+    if args.split or args.overrides:
+        raise ValueError("--split and key=value overrides need a run config (TABLE.yaml): its split says the parts")
+    source = args.source or {".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
+    if source is None:
+        raise ValueError(f"{path}: name what it is with --source (one of {list(sources.REGISTRY)}), or give a .csv, "
+                         ".parquet or .yaml file")  # fmt: skip
+    sources.get(source)  # a misspelt source is named before anything is read
+    data = DataConfig(source=source, path=str(path), images=args.images, image_column=args.image_column)
+    return {"": sources.load(data, image_size=128, seed=0)}, 64
+
+
+def _shard(args: argparse.Namespace) -> None:
+    from manyheads import shards
+
+    tables, batch_size = _shard_tables(args)
+    out = Path(args.out)
+    for name in tables:  # every folder is checked before any is written
+        shards.refuse_existing(out / name if name else out)
+    patterns = {}
+    for name, table in tables.items():
+        folder = os.path.join(args.out, name) if name else args.out
+        written = shards.write_shards(table, folder, shard_size=args.shard_size, max_size=args.max_size,
+                                      on_bad=args.on_bad, progress=not args.quiet)  # fmt: skip
+        patterns[name or "path"] = written.pattern
+        first, last = written.shards[0], written.shards[-1]
+        print(f"wrote {len(written.shards)} shards ({first}{f' .. {last}' if last != first else ''}), "
+              f"{written.samples} samples, {written.bytes / 1e6:.1f} MB of image files, into {folder}")  # fmt: skip
+        print(f"  label index: {Path(folder) / shards.INDEX} (the training targets' statistics)")
+        if written.skipped:
+            print(f"  skipped {len(written.skipped)} bad rows, e.g. {written.skipped[0].message}")
+    train = patterns.get("train", patterns.get("path"))
+    held = "".join(f', {key}: "{patterns[key]}"' for key in ("validation", "test") if key in patterns)
+    samples = sum(len(t) for n, t in tables.items() if n in ("", "train"))
+    print(f'in a run config:\n  data: {{source: webdataset, path: "{train}"{held}}}\n'
+          f"  train: {{steps_per_epoch: {max(1, samples // batch_size)}}}   # one pass over about {samples} samples "
+          f"at batch_size {batch_size}, one process (divide by the processes under torchrun)")  # fmt: skip
+
+
+def _size(text: str) -> float:
+    """A size in bytes: ``100MB``, ``1.5GB``, ``512MiB``, ``1e8``."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if found is None or float(found[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 100MB, 1GB or 5e8")
+    number, prefix, binary = found.groups()
+    return float(number) * (1024 if binary else 1000) ** " kmgt".index(prefix or " ")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of samples >= 1")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -320,6 +403,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="seeds, comma-separated (default: train.seed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_compare)
+
+    p = commands.add_parser("shard", help="write a table's images and labels as WebDataset shards, to stream")
+    p.add_argument("table", help="a label CSV or Parquet file, a data folder (with --source), or a run config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (with a run config)")
+    p.add_argument("--out", required=True, help="folder for the shards and labels.jsonl (must hold no shards)")
+    p.add_argument("--shard-size", type=_count, help="samples per shard (default 1000)")
+    p.add_argument("--max-size", type=_size, help="bytes per shard, e.g. 500MB (a shard closes once it holds that)")
+    p.add_argument("--source", help="read TABLE as this data source (default: by its suffix, .csv or .parquet)")
+    p.add_argument("--images", help="folder the table's image paths are relative to (default: the table's)")
+    p.add_argument("--image-column", default="image", help="the table's column of image files (default image)")
+    p.add_argument("--split", action="store_true", help="with a run config: train/, validation/ and test/ shards "
+                   "by its split section")  # fmt: skip
+    p.add_argument("--on-bad", choices=["error", "skip"], default="error", help="a bad image or label: stop, naming "
+                   "it (default), or leave the row out")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_shard)
     return parser
 
 
@@ -352,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(KeyboardInterrupt("interrupted; continue a run with --resume --out RUN_DIR"), 130)
     except ModuleNotFoundError as error:
         return _fail(ImportError(f"{error.name} is not installed: pip install 'manyheads[export,serve]'"), 2)
+    except ImportError as error:  # an optional package, named with the extra that installs it
+        return _fail(error, 2)
     except FloatingPointError as error:
         return _fail(error, 1)
     except (ValueError, OSError) as error:

@@ -70,6 +70,9 @@ class DataConfig(_Section):
     split: str | None = None  # hf: the split of a DatasetDict (needed when it has more than one)
     inputs: str = "image"  # the input column of the loaded table
     limit: int | None = Field(None, ge=1)  # keep this many rows, evenly spaced
+    # stream sources (webdataset): the held-out rows, as shards (a .tar URL pattern) or a CSV / Parquet table
+    validation: str | None = None
+    test: str | None = None
 
     @field_validator("source")
     @classmethod
@@ -78,9 +81,21 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _needs_path(self) -> DataConfig:
-        if _sources()[self.source].needs_path and not self.path:
+        source = _sources()[self.source]
+        if source.needs_path and not self.path:
             raise ValueError(f"the {self.source} source needs data.path (or --data PATH on the command line)")
+        held_out = [key for key in ("validation", "test") if getattr(self, key)]
+        if held_out and not source.stream:
+            raise ValueError(f"data.{held_out[0]} names the held-out rows of a stream source; a {self.source} table "
+                             f"is split by split.{held_out[0]} instead")  # fmt: skip
+        if source.stream and self.limit is not None:
+            raise ValueError(f"data.limit does not apply to the {self.source} source (a stream has no length); "
+                             "train.steps_per_epoch sets how much of it an epoch reads")  # fmt: skip
         return self
+
+    def is_stream(self) -> bool:
+        """Whether the source streams (shards read as training goes) instead of loading a table."""
+        return _sources()[self.source].stream
 
 
 class HeadConfig(_Section):
@@ -211,6 +226,7 @@ class TrainConfig(_Section):
     """
 
     epochs: int = 10
+    steps_per_epoch: int | None = None  # stream sources: batches per process that make an epoch
     batch_size: int = 64
     lr: float = 1e-3
     trunk_lr: float | None = None
@@ -315,11 +331,36 @@ class RunConfig(_Section):
         if self.data.inputs in self.heads:
             raise ValueError(f"data.inputs {self.data.inputs!r} is also a head name")
         rows = self.calibration_rows()
-        if rows is not None and not getattr(self.split, rows):
+        if rows is not None and not self.data.is_stream() and not getattr(self.split, rows):
             raise ValueError(f"calibrate.rows is {rows!r}, but split.{rows} is 0: set split.{rows} (e.g. 0.1)")
         unknown = sorted(set(self.calibrate.abstain or {}) - set(self.heads)) if self.calibrate else []
         if unknown:
             raise ValueError(f"calibrate.abstain names heads {unknown} that the config does not have")
+        return self
+
+    @model_validator(mode="after")
+    def _stream_fits(self) -> RunConfig:
+        """A stream source has no length and is not split: an epoch is train.steps_per_epoch steps, and the
+        held-out rows are data.validation and data.test (the split fractions do not apply)."""
+        source = self.data.source
+        if not self.data.is_stream():
+            if self.train.steps_per_epoch is not None:
+                raise ValueError(f"train.steps_per_epoch applies to stream sources (webdataset); a {source} "
+                                 "table's epoch is one pass over its rows")  # fmt: skip
+            return self
+        if self.train.steps_per_epoch is None:
+            raise ValueError(f"train.steps_per_epoch: the {source} source is a stream, which has no length: set how "
+                             "many steps make an epoch (e.g. samples // batch_size)")  # fmt: skip
+        given = [key for key in sorted(self.split.model_fields_set & {"test", "validation", "calibration"})
+                 if getattr(self.split, key)]  # fmt: skip
+        if given:
+            use = "data.validation or data.test" if given[0] != "calibration" else "calibrate.rows: validation"
+            raise ValueError(f"split.{given[0]} is a fraction of a table; the {source} source is a stream and cannot "
+                             f"be split: give its held-out rows as {use} (shards or a CSV) instead")  # fmt: skip
+        rows = self.calibration_rows()
+        if rows is not None and (rows == "calibration" or not self.data.validation):
+            raise ValueError(f"calibrate.rows is {rows!r}: a stream source calibrates on data.validation, so set it "
+                             "(and calibrate.rows: validation)")  # fmt: skip
         return self
 
     def calibration_rows(self) -> str | None:
@@ -375,15 +416,24 @@ class RunConfig(_Section):
         return options
 
     def resolved(self) -> RunConfig:
-        """A copy whose data paths are absolute, so the run folder works from any directory."""
+        """A copy whose data paths are absolute, so the run folder works from any directory (URLs stay as they are)."""
+        keys = ("path", "images", "validation", "test")
         data = self.data.model_copy(
-            update={key: os.path.abspath(value) for key in ("path", "images") if (value := getattr(self.data, key))}
+            update={key: os.path.abspath(value) for key in keys if (value := getattr(self.data, key)) and _local(value)}
         )
-        return self.model_copy(update={"data": data})
+        if not self.data.is_stream():
+            return self.model_copy(update={"data": data})
+        split = self.split.model_copy(update={"test": 0.0, "validation": 0.0, "calibration": 0.0})  # none applies
+        return self.model_copy(update={"data": data, "split": split})
 
     def to_yaml(self) -> str:
         """The config as YAML (every option, defaults included)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _local(path: str) -> bool:
+    """A path here, not a URL webdataset opens (``pipe:``, ``http://``, ``s3://``, ...)."""
+    return not path.startswith("pipe:") and "://" not in path
 
 
 # ---- loading ----------------------------------------------------------------------------------

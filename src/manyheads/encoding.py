@@ -374,6 +374,23 @@ class Prepared:
     bad: list[BadRow]
     input_column: str
 
+    @property
+    def stats(self) -> Encoded:
+        """The rows the training targets' statistics (regression scales, class weights) are taken from: all."""
+        return self.train
+
+    @property
+    def images(self) -> bool:
+        return self.train.images
+
+    def probe(self, device: torch.device) -> torch.Tensor:
+        """The first two training rows as a batch on ``device`` (for materialising lazy layers)."""
+        return next(Batches(self.train, 2, device, shuffle=False).epoch(0))[0]
+
+    def batches(self, batch_size: int, device: torch.device, **options: Any) -> Batches:
+        """The training batches: ``Batches(self.train, batch_size, device, **options)``."""
+        return Batches(self.train, batch_size, device, **options)
+
     def on(self, device: torch.device) -> Prepared:
         """Both sets moved onto a GPU they fit on (a quarter of its free memory): no copies per step.
 
@@ -537,7 +554,6 @@ class Batches:
         """Batches of one epoch, from batch ``start`` on (for resuming mid-epoch)."""
         order = self.order(epoch)
         data = self.data
-        rank, world = self.shard
         generator = None
         if self.augment is not None and data.images:
             generator = torch.Generator(device=self.device)
@@ -547,11 +563,35 @@ class Batches:
             targets = {k: self._on_device(v[rows]) for k, v in data.targets.items()}
             labelled = {k: self._on_device(v[rows]) for k, v in data.labelled.items()}
             if data.images:
-                if generator is not None:
-                    # each rank draws its own crops, so ranks' samples are not augmented alike
-                    generator.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + step) * world + rank)
-                    x = self.augment(x, generator=generator)
-                x = imaging.normalize(x)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = device_images(x, self.augment, generator, seed=self.seed, epoch=epoch, step=step, shard=self.shard,
+                                  channels_last=self.channels_last)  # fmt: skip
             yield x, targets, labelled
+
+
+def device_images(
+    x: torch.Tensor,
+    augment: Any,
+    generator: torch.Generator | None,
+    *,
+    seed: int,
+    epoch: int,
+    step: int,
+    shard: tuple[int, int],
+    channels_last: bool,
+) -> torch.Tensor:
+    """A uint8 batch of images on the device, augmented (with ``generator``) and normalised, as training takes it.
+
+    The draws of step ``step`` come from (seed, epoch, step, rank) alone, so a resumed run augments
+    alike; :class:`Batches` and ``streams.StreamBatches`` both batch through here.
+
+        x = device_images(x, Augment(), torch.Generator(), seed=0, epoch=0, step=3, shard=(0, 1), channels_last=False)
+    """
+    if generator is not None:
+        rank, world = shard
+        # each rank draws its own crops, so ranks' samples are not augmented alike
+        generator.manual_seed((seed * 1_000_003 + epoch * 10_007 + step) * world + rank)
+        x = augment(x, generator=generator)
+    x = imaging.normalize(x)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x

@@ -59,18 +59,33 @@ def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
 
 
 def missing_data(data: DataConfig) -> Path | None:
-    """The data path when it does not exist (None when it does, or for generated data)."""
+    """The data path when it does not exist (None when it does, or for generated data); of shards, a missing one."""
     if data.source == "shapes" or data.path is None:
         return None
+    if data.is_stream():
+        from manyheads import shards
+
+        missing = [url for url in shards.expand(data.path) if shards.is_local(url) and not Path(url).exists()]
+        return Path(missing[0]) if missing else None
     path = Path(data.path).expanduser()
     return None if path.exists() else path
 
 
-def load_table(cfg: RunConfig) -> pd.DataFrame:
-    """The config's data as a DataFrame with an ``image`` column and one column per label (``manyheads.sources``)."""
+def load_table(cfg: RunConfig) -> Any:
+    """The config's data as a DataFrame with an ``image`` column and one column per label (``manyheads.sources``);
+    for a stream source (webdataset), the :class:`manyheads.streams.Stream` to train on."""
     from manyheads import sources
 
     return sources.load(cfg.data, image_size=cfg.model.image_size, seed=cfg.split.seed)
+
+
+def load_rows(cfg: RunConfig) -> pd.DataFrame:
+    """All of the config's data as a table, to evaluate on: a stream source's shards are read whole."""
+    from manyheads import sources
+
+    if cfg.data.is_stream():
+        return sources.load_held_out(cfg.data.path, cfg.data, "data.path")
+    return load_table(cfg)
 
 
 @dataclass
@@ -153,6 +168,50 @@ def check_offline(model: ModelConfig) -> None:
         )
 
 
+@dataclass
+class Parts:
+    """A run's data as ``fit`` and the report take it: training data, validation, test and calibration rows,
+    what ``split.json`` records, and what the test report says of its rows."""
+
+    train: Any
+    validation: pd.DataFrame | None
+    test: pd.DataFrame | None
+    calibration: pd.DataFrame | None
+    record: dict[str, Any]
+    note: str
+
+
+def parts(cfg: RunConfig) -> Parts:
+    """The config's data in its parts: a table split by ``split`` (test rows first), or a stream and the
+    held-out tables ``data.validation`` and ``data.test`` (a stream is never split)."""
+    if cfg.data.is_stream():
+        return _stream_parts(cfg)
+    df = load_table(cfg)
+    split = Split.of(len(df), cfg.split)
+    train_df, val_df, test_df = split.parts(df)
+    calibration = split.calibration_part(df) if cfg.calibration_rows() == "calibration" else None
+    where = (
+        "generated shapes" if cfg.data.source == "shapes" else f"{cfg.data.source} data at {cfg.resolved().data.path}"
+    )
+    note = (f"Test split: {len(test_df) if test_df is not None else 0} of {len(df)} rows ({cfg.split.test:.0%}) of "
+            f"{where}, split seed {cfg.split.seed}; held out before training, never trained on.")  # fmt: skip
+    return Parts(train_df, val_df, test_df, calibration, _record(cfg, df, split), note)
+
+
+def _stream_parts(cfg: RunConfig) -> Parts:
+    from manyheads import sources
+
+    data = cfg.resolved().data
+    held = {key: sources.load_held_out(path, data, f"data.{key}") if (path := getattr(data, key)) else None
+            for key in ("validation", "test")}  # fmt: skip
+    test = held["test"]
+    record = {"stream": data.path, "validation": data.validation, "test": data.test,
+              "test_rows": 0 if test is None else len(test)}  # fmt: skip
+    note = (f"Test rows: the {record['test_rows']} rows of {data.test}, held out from the training stream "
+            f"{data.path}; never trained on.")  # fmt: skip
+    return Parts(load_table(cfg), held["validation"], test, None, record, note)
+
+
 def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True):
     """Split, train into ``out_dir`` and report on the test split; returns (TrainResult, report or None).
 
@@ -174,9 +233,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, p
     if resume and (out / "config.yaml").is_file():  # before anything is written: the run's own config decides
         check_config_resume(load_config(out / "config.yaml"), cfg.resolved(), out)
     check_offline(cfg.model)
-    df = load_table(cfg)
-    split = Split.of(len(df), cfg.split)
-    record = _record(cfg, df, split)
+    data = parts(cfg)
+    record = data.record
     if resume and (out / "split.json").is_file():
         before = json.loads((out / "split.json").read_text())
         if before.get("test_images", before["test_rows"]) != record.get("test_images", record["test_rows"]):
@@ -186,25 +244,19 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, p
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.resolved().to_yaml())
         (out / "split.json").write_text(json.dumps(record, indent=1))
-    train_df, val_df, test_df = split.parts(df)
     if cfg.train.seed is not None:
         torch.manual_seed(cfg.train.seed)  # the head layers' initial weights too: a config reruns the same
     options = cfg.fit_kwargs()
     if cfg.calibration_rows() == "calibration":
-        options["calibration"] = split.calibration_part(df)
+        options["calibration"] = data.calibration
     result = fit(
-        cfg.build_net(), train_df, validation=val_df, run_dir=out, resume=out if resume else None,
+        cfg.build_net(), data.train, validation=data.validation, run_dir=out, resume=out if resume else None,
         progress=progress, **options,
     )  # fmt: skip
-    if not is_main() or test_df is None:
+    if not is_main() or data.test is None:
         return result, None
-    where = (
-        "generated shapes" if cfg.data.source == "shapes" else f"{cfg.data.source} data at {cfg.resolved().data.path}"
-    )
-    note = (f"Test split: {len(test_df)} of {len(df)} rows ({cfg.split.test:.0%}) of {where}, split seed "
-            f"{cfg.split.seed}; held out before training, never trained on.")  # fmt: skip
     written = time.time()
-    report = evaluate_report(result.net, test_df, out, inputs=cfg.data.inputs, title="Test report", note=note)
+    report = evaluate_report(result.net, data.test, out, inputs=cfg.data.inputs, title="Test report", note=data.note)
     from manyheads import loggers
 
     loggers.add_files(cfg.train.log, out, [p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= written])
@@ -228,6 +280,12 @@ def load_test_split(run: str | os.PathLike) -> tuple[RunConfig, pd.DataFrame]:
             raise FileNotFoundError(f"{run / name} not found: is {run} a run folder made by `manyheads train`?")
     cfg = load_config(run / "config.yaml")
     record = json.loads((run / "split.json").read_text())
+    if "stream" in record:  # trained on a stream: its test rows are data.test
+        if not cfg.data.test:
+            raise ValueError(f"{run} has no test rows (data.test was not set); evaluate with --data PATH")
+        from manyheads import sources
+
+        return cfg, sources.load_held_out(cfg.data.test, cfg.data, "data.test")
     df = load_table(cfg)
     if "test_images" in record:  # select by file, so images added to the folder since do not matter
         wanted = record["test_images"]

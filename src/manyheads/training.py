@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from manyheads import balancing, checkpoint, columns, encoding
+from manyheads import balancing, checkpoint, columns, encoding, streams
 from manyheads import loggers as tracking  # fit's own `loggers` is the list of trackers
 from manyheads import validation as validation_rules  # fit's own `validation` is the validation data
 from manyheads.allocator import keep_freed_memory
@@ -56,6 +56,7 @@ def fit(
     weights: Mapping[str, float] | str | None = None,
     normalize: bool = False,
     epochs: int = 10,
+    steps_per_epoch: int | None = None,
     batch_size: int = 64,
     lr: float = 1e-3,
     trunk_lr: float | None = None,
@@ -102,7 +103,12 @@ def fit(
             may be a fraction of ``train`` (a seeded split). Rows missing a head's label (None,
             NaN, pd.NA) still train the other heads. Errors and ``result.skipped`` name rows of
             the table passed in: by position, or by index label for a DataFrame whose index is
-            not the default ``0..n-1``.
+            not the default ``0..n-1``. ``train`` may also be a stream, for data larger than the
+            image cache (see :mod:`manyheads.streams`): WebDataset shards (a URL pattern such as
+            ``"shards/{000000..000099}.tar"`` or ``mh.streams.from_webdataset(urls)``), a Hugging
+            Face ``datasets.IterableDataset`` or a torch ``IterableDataset`` of dicts; ``validation``
+            is then a table (or None), and ``steps_per_epoch`` says how many batches per process
+            make an epoch. ``workers`` DataLoader processes decode the stream (default: the cores).
         inputs: the input column (default: the one column that is not a head).
         image_size, augment, cache_dir, workers: image columns are decoded once into a uint8
             cache (on disk under ``cache_dir``), then augmented (``augment=True`` or an
@@ -119,8 +125,8 @@ def fit(
         on_nonfinite: ``"error"`` stops at a NaN/inf loss naming head and step; ``"skip"`` skips the batch.
 
     Optimisation:
-        epochs, batch_size, lr, optimizer (a name or a torch optimizer class), weight_decay,
-        trunk_lr (a separate rate for the trunk), freeze_trunk_epochs, schedule (``"cosine"``,
+        epochs, steps_per_epoch (streams only), batch_size, lr, optimizer (a name or a torch optimizer class),
+        weight_decay, trunk_lr (a separate rate for the trunk), freeze_trunk_epochs, schedule (``"cosine"``,
         ``"onecycle"`` with ``warmup`` as the rising fraction and momentum cycled 0.95-0.85-0.95 as
         torch's ``OneCycleLR`` does, or None), precision (``"fp32"``, ``"bf16"``, ``"fp16"``),
         channels_last (None: on for named backbones), compile, device, seed.
@@ -150,6 +156,9 @@ def fit(
     """
     given = dict(locals())  # the arguments as passed: checked before any work, recorded in checkpoints
     validation_rules.check_fit_options(**given)
+    stream = streams.of(train)  # None for a table
+    validation_rules.check_data_options(stream is not None, steps_per_epoch=steps_per_epoch, validation=validation,
+                                        calibration=calibration)  # fmt: skip
     net = _wrap_net(net, heads)
     heads, names = net.heads, list(net.heads)
     # losses and weights are checked before any (possibly long) image decoding
@@ -164,28 +173,29 @@ def fit(
         **{name: given[name] for name in RECORDED}, image_size=image_size, inputs=inputs, seed=seed,
         heads={n: h.spec() for n, h in heads.items()}, losses={n: loss.name for n, loss in resolved.items()},
         validation=_fraction_or_table(validation), calibration=_fraction_or_table(calibration),
+        **({"stream": stream.record(cluster.world, _stream_workers(workers))} if stream is not None else {}),
     )  # fmt: skip
     if saved is not None:  # a resume with other settings is refused before the (possibly long) data stage
         TrainingState.check_resumable(saved, options, ema is not None, run_dir)
 
-    # ---- data: table -> encoded tensors, on the device when they fit -----------------------
-    data = encoding.prepare(
-        train, validation, heads, inputs=inputs, seed=seed, image_size=image_size, on_bad=on_bad,
-        cache_dir=cache_dir, workers=workers, progress=progress and cluster.is_main, warn=cluster.is_main,
-        allow_unlabelled_heads=allow_unlabelled_heads,
+    # ---- data: table -> encoded tensors, on the device when they fit; or a stream, read as it trains ----
+    data = _prepare(
+        train, stream, validation, heads, steps_per_epoch, inputs=inputs, seed=seed, image_size=image_size,
+        on_bad=on_bad, cache_dir=cache_dir, workers=workers, progress=progress and cluster.is_main,
+        warn=cluster.is_main, allow_unlabelled_heads=allow_unlabelled_heads,
     )  # fmt: skip
-    _ready_net(net, data.train, device, image_size)
+    _ready_net(net, data, device, image_size)
     data = data.on(device)
 
     # ---- objective, optimizer, schedule, precision -------------------------------------------
     amp = Precision.create(precision, device)
-    balancer = _balancer(weights, resolved, data.train, net, normalize, amp).to(device)
+    balancer = _balancer(weights, resolved, data.stats, net, normalize, amp).to(device)
     opt, trunk_params = build_optimizer(
         net, optimizer, lr=lr, trunk_lr=trunk_lr, weight_decay=weight_decay, extra=list(balancer.parameters())
     )
-    channels_last = _channels_last(channels_last, net, data.train)
-    batches = encoding.Batches(
-        data.train, batch_size, device, seed=seed, augment=_augment(augment), channels_last=channels_last,
+    channels_last = _channels_last(channels_last, net, data.images)
+    batches = data.batches(
+        batch_size, device, seed=seed, augment=_augment(augment), channels_last=channels_last,
         shard=(cluster.rank, cluster.world), drop_single=True,
     )  # fmt: skip
     scheduler = lr_schedule(opt, schedule, epochs * len(batches), warmup)
@@ -265,9 +275,9 @@ def fit(
 # fit's options a checkpoint records as given (with the resolved image_size, the given inputs, seed, heads,
 # loss names and validation fraction); a resume that changes one that matters is refused
 RECORDED = (
-    "weights", "normalize", "epochs", "batch_size", "lr", "trunk_lr", "weight_decay", "optimizer", "schedule",
-    "warmup", "freeze_trunk_epochs", "ema", "augment", "precision", "on_bad", "on_nonfinite", "monitor", "patience",
-    "keep_best_per_head",
+    "weights", "normalize", "epochs", "steps_per_epoch", "batch_size", "lr", "trunk_lr", "weight_decay", "optimizer",
+    "schedule", "warmup", "freeze_trunk_epochs", "ema", "augment", "precision", "on_bad", "on_nonfinite", "monitor",
+    "patience", "keep_best_per_head",
 )  # fmt: skip
 
 
@@ -312,7 +322,24 @@ def _resume_point(
     return saved, Path(run_dir) if run_dir is not None else None, seed
 
 
-def _ready_net(net: MultiHeadNet, data: encoding.Encoded, device: torch.device, image_size: int | None) -> None:
+def _prepare(
+    train: Any, stream: streams.Stream | None, validation: Any, heads: Mapping[str, Head], steps_per_epoch: int | None,
+    **options: Any,
+) -> encoding.Prepared | streams.PreparedStream:  # fmt: skip
+    """The data stage: a table encoded once (:func:`encoding.prepare`), or a stream's statistics and validation."""
+    if stream is None:
+        return encoding.prepare(train, validation, heads, **options)
+    return streams.prepare(stream, validation, heads, steps_per_epoch=steps_per_epoch, **options)
+
+
+def _stream_workers(workers: int | None) -> int:
+    """The DataLoader workers asked for a stream (None: the cores); 0 reads in this process, as one worker."""
+    return max(1, streams.default_workers() if workers is None else workers)
+
+
+def _ready_net(
+    net: MultiHeadNet, data: encoding.Prepared | streams.PreparedStream, device: torch.device, image_size: int | None
+) -> None:
     """Move the net to the device, record its image size, and materialise lazy head layers with one dry batch."""
     if data.images and net.image_size is None:
         net.image_size = image_size
@@ -321,22 +348,22 @@ def _ready_net(net: MultiHeadNet, data: encoding.Encoded, device: torch.device, 
         with torch.no_grad():
             was = net.training
             net.eval()
-            probe = next(encoding.Batches(data, 2, device, shuffle=False).epoch(0))[0]
-            net(probe)
+            net(data.probe(device))
             net.train(was)
 
 
-def _balancer(weights: Any, resolved, data: encoding.Encoded, net: MultiHeadNet, normalize: bool, amp: Precision):
-    """The losses fitted to the training targets (regression scales, class weights), combined by a balancer."""
-    targets, labelled = data.targets, data.labelled
+def _balancer(weights: Any, resolved, stats: Any, net: MultiHeadNet, normalize: bool, amp: Precision):
+    """The losses fitted to the training targets' statistics (regression scales, class weights), combined by a
+    balancer. ``stats`` has each head's ``targets`` and ``labelled`` flags: the table's, or a stream's sample."""
+    targets, labelled = stats.targets, stats.labelled
     fit_to_data(resolved, targets, labelled, net.fit_target_scales(targets, labelled))
     normalizers = trivial_losses(resolved, targets, labelled) if normalize else None
     return balancing.create(weights, resolved, normalizers, scale=amp.grad_scale)
 
 
-def _channels_last(channels_last: bool | None, net: MultiHeadNet, data: encoding.Encoded) -> bool:
+def _channels_last(channels_last: bool | None, net: MultiHeadNet, images: bool) -> bool:
     # named conv backbones run about 2x faster channels-last, on CPU and GPU alike
-    return bool(net.backbone is not None and data.images) if channels_last is None else channels_last
+    return bool(net.backbone is not None and images) if channels_last is None else channels_last
 
 
 def _augment(augment: Augment | bool | None) -> Augment | None:

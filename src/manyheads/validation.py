@@ -396,6 +396,7 @@ LOGGER = AnyOf(
 
 FIT_CONSTRAINTS: dict[str, Constraint] = {
     "epochs": Integer(min=1),
+    "steps_per_epoch": Optional(Integer(min=1)),  # a stream's epoch; a table's is one pass (check_data_options)
     "batch_size": Integer(min=1),
     "lr": Interval(0, None, closed="left", what="a finite number"),  # 0: evaluate without learning
     "trunk_lr": Optional(Interval(0, None, closed="left", what="a finite number")),
@@ -434,6 +435,46 @@ FIT_CONSTRAINTS: dict[str, Constraint] = {
     "interval": OneOf(_registry("manyheads.calibration", "INTERVALS")),
     "abstain": Optional(MappingOf(Interval(0, None, closed="neither", what="a threshold"))),
 }
+
+
+def _is_finite_table(value: Any) -> bool:
+    """A table of rows: not a name, a number or a stream (streams are torch IterableDatasets, Hugging Face's too)."""
+    if isinstance(value, str | bool | int | float | os.PathLike):
+        return False
+    import torch
+
+    return not isinstance(value, torch.utils.data.IterableDataset)
+
+
+_TABLE = Predicate(_is_finite_table, "a table of labelled rows", kind=lambda v: not isinstance(v, str | int | float))
+# What the options that depend on the training data's kind accept, for a stream and for a table.
+STREAM_CONSTRAINTS: dict[str, Constraint] = {
+    "steps_per_epoch": Integer(min=1),
+    "validation": Optional(
+        Predicate(_is_finite_table, "a table of labelled rows (a stream cannot be split off a validation fraction)")
+    ),
+    "calibration": Optional(AnyOf(_TABLE, OneOf(["validation"]))),
+}
+TABLE_CONSTRAINTS: dict[str, Constraint] = {
+    "steps_per_epoch": Predicate(
+        lambda v: v is None, "None for a table (its epoch is one pass over its rows; steps_per_epoch is for streams)"
+    ),
+}
+
+
+def check_data_options(streaming: bool, **options: Any) -> None:
+    """Check the options whose meaning depends on the training data: a stream (``streaming``) or a table.
+
+    A stream has no length and cannot be split: it needs ``steps_per_epoch``, and ``validation`` and
+    ``calibration`` must be tables (or ``calibration="validation"``); a table takes no ``steps_per_epoch``.
+
+        check_data_options(True, steps_per_epoch=None)  # The 'steps_per_epoch' parameter of fit must be ...
+    """
+    constraints = STREAM_CONSTRAINTS if streaming else TABLE_CONSTRAINTS
+    if streaming and options.get("steps_per_epoch", 0) is None:  # say why, beside the template's "got None"
+        raise OptionError(message("steps_per_epoch", "fit", constraints["steps_per_epoch"],
+                                  "None (a stream has no length: say how many steps make an epoch)"))  # fmt: skip
+    check_options("fit", options, constraints)
 
 
 def problem(constraint: Constraint, value: Any) -> str | None:
