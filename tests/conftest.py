@@ -75,5 +75,14 @@ def half_written_save(error: Exception):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread: tiny shapes gain nothing from more, and a busy machine punishes oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def table():
     return make_table()

@@ -16,14 +16,7 @@ import inference  # noqa: E402
 import overhead  # noqa: E402
 import real_data  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: tiny shapes gain nothing from more, and a busy machine punishes oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 @pytest.fixture(scope="module")

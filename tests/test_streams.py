@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 import manyheads as mh
+from conftest import RACES, make_heads
 from manyheads import checkpoint, encoding, shards, streams
 from manyheads import images as imaging
 from manyheads.cli import main
@@ -29,23 +30,11 @@ from manyheads.rows import RowError
 from manyheads.validation import OptionError
 
 pytest.importorskip("webdataset")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 SIZE = 16
 CPU = torch.device("cpu")
-RACES = ["a", "b", "c"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_heads() -> dict:
-    return {"age": mh.Regression(), "gender": mh.Binary(["male", "female"]), "race": mh.Categorical(RACES)}
 
 
 def tiny_net(trunk_first: nn.Module | None = None) -> mh.MultiHeadNet:
