@@ -153,6 +153,17 @@ def test_resolved_paths_are_absolute_and_yaml_round_trips(tmp_path):
     assert parse_config(yaml.safe_load(resolved.to_yaml())) == resolved
 
 
+def test_the_written_yaml_gives_each_head_only_the_fields_its_kind_takes():
+    raw = {**GOOD, "heads": {**GOOD["heads"], "years": {"kind": "distribution", "min": 0, "max": 9, "sigma": 1.5}}}
+    cfg = parse_config(raw)
+    heads = yaml.safe_load(cfg.to_yaml())["heads"]
+    assert {"standardize", "labels", "class_weights", "label_smoothing"}.isdisjoint(heads["years"])
+    assert heads["years"]["sigma"] == 1.5 and heads["years"]["max"] == 9
+    assert heads["age"]["standardize"] is True and "labels" not in heads["age"]
+    assert heads["race"]["class_weights"] == "balanced" and "standardize" not in heads["race"]
+    assert parse_config({**raw, "heads": heads}) == cfg  # what was dropped was only defaults
+
+
 def test_a_stream_source_has_steps_per_epoch_and_held_out_tables_not_a_split():
     stream = {**GOOD, "data": {"source": "webdataset", "path": "shards/{000000..000009}.tar",
                                "validation": "val.csv"}, "train": {"steps_per_epoch": 100}}  # fmt: skip

@@ -98,6 +98,9 @@ class DataConfig(_Section):
         return _sources()[self.source].stream
 
 
+_EVERY_HEAD = {"kind", "loss", "weight", "hidden"}  # HeadConfig fields that every head kind takes
+
+
 class HeadConfig(_Section):
     """One head: kind and labels; optionally loss, constant weight, class weights, label smoothing, hidden layer.
 
@@ -134,8 +137,18 @@ class HeadConfig(_Section):
 
     @model_serializer(mode="wrap")
     def _flat(self, handler: Any) -> dict[str, Any]:
+        """The entry as written in YAML: the kind's own options flat, and no field the kind does not take.
+
+        (A distribution head's written config showed ``standardize: true``, which means nothing for it.)
+        """
+        from manyheads.heads import REGISTRY
+
         dumped = handler(self)
-        return {**{k: v for k, v in dumped.items() if k != "options"}, **dumped.get("options", {})}
+        taken = _EVERY_HEAD | set(getattr(REGISTRY.get(self.kind), "spec_fields", ()))
+        # a field the kind does not take is dropped only at its default: set, it must reach build() to be refused
+        unused = {k for k, v in dumped.items() if k not in taken and v == type(self).model_fields[k].default}
+        kept = {k: v for k, v in dumped.items() if k != "options" and k not in unused}
+        return {**kept, **dumped.get("options", {})}
 
     @field_validator("kind")
     @classmethod
