@@ -35,6 +35,9 @@ class Recorder(loggers.Logger):
     def finish(self, result):
         self.calls.append(("finish", result))
 
+    def fail(self, error):
+        self.calls.append(("fail", error))
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
@@ -169,6 +172,44 @@ def test_a_resumed_run_adds_to_the_same_tracker_runs(tmp_path, monkeypatch):
     assert set(found) == set(expected)
     for name, values in expected.items():  # steps 1..4, across both event files
         assert found[name] == pytest.approx(values, rel=1e-6), name
+
+
+def crash_at(epoch: int, error: BaseException):
+    """A callback that raises ``error`` after the given epoch's row."""
+
+    def callback(row):
+        if row["epoch"] == epoch:
+            raise error
+
+    return callback
+
+
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError("disk full"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_run_that_raises_is_marked_so_in_the_trackers_and_the_error_goes_on(error, status, tmp_path, monkeypatch):
+    clean_mlflow_setting(monkeypatch, tmp_path)
+    recorder = Recorder()
+    with pytest.raises(type(error)):
+        mh.fit(make_net(), make_table(200), epochs=3, run_dir=tmp_path / "run", callbacks=[crash_at(2, error)],
+               loggers=["tensorboard", "mlflow", recorder], **FAST)  # fmt: skip
+    assert [call[0] for call in recorder.calls] == ["start", "log_epoch", "log_epoch", "fail"]
+    assert recorder.calls[-1][1] is error
+    run, client = mlflow_run(tmp_path, monkeypatch)
+    assert run.info.status == status  # not RUNNING for ever
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/age/loss")] == [1, 2]
+    assert set(scalars(tmp_path / "run" / "tensorboard")["age/train/loss"]) == {1, 2}  # flushed by fail
+
+
+def test_a_logger_whose_fail_raises_does_not_hide_the_error(tmp_path):
+    class Broken(Recorder):
+        def fail(self, error):
+            raise OSError("tracker unreachable")
+
+    class Plain:  # a logger object without fail: it is optional
+        start = log_epoch = finish = staticmethod(lambda *args: None)
+
+    with pytest.warns(UserWarning, match="Broken.fail raised OSError"), pytest.raises(RuntimeError, match="boom"):
+        mh.fit(make_net(), make_table(200), epochs=2, callbacks=[crash_at(1, RuntimeError("boom"))],
+               loggers=[Broken(), Plain()], **FAST)  # fmt: skip
 
 
 def test_the_mlflow_store_is_the_variable_else_the_runs_own_else_mlruns_here(tmp_path, monkeypatch):

@@ -212,61 +212,62 @@ def fit(
         state.restore(saved)
     path = run_dir / checkpoint.NAME if run_dir is not None else None
     trackers = tracking.create(loggers, main=cluster.is_main)  # told the start, each epoch's row and the end
-    trackers.start(tracking.Run(options, run_dir, resumed=saved is not None, epoch=state.epoch))
-
-    # ---- the loop ---------------------------------------------------------------------------
-    first, partial = state.step, state.partial  # a resumed run starts mid-epoch: at this step, with these sums
-    for epoch in range(state.epoch, epochs):
-        t0 = time.perf_counter()
-        _start_epoch(state, epoch, trunk_params, frozen=epoch < freeze_trunk_epochs)
-        tally = EpochLosses(names, device, epoch=epoch, steps=len(batches), partial=partial, main=cluster.is_main)
-        seen = EpochOutputs(batches.rows_per_rank)
-        bar = _Bar(len(batches), first, epoch, epochs, progress and cluster.is_main)
-        for step, (x, targets, labelled) in enumerate(batches.epoch(epoch, first), start=first):
-            with amp.autocast():
-                outputs, features = forward(x)
-                head_losses = {n: resolved[n](outputs[n], targets[n], labelled[n]) for n in names}
-            values = tally.stack(head_losses)
-            # one host sync per step, the price of skipping; summed so that all ranks skip alike
-            if on_nonfinite == "skip" and cluster.any(~torch.isfinite(values)):
-                tally.skipped += 1
-                continue
-            opt.zero_grad(set_to_none=True)
-            balancer.backward(head_losses, features)
-            state.advance(amp)  # optimizer (through the grad scaler under fp16), schedule, weight average
-            tally.add(step, values, labelled)
-            if train_metrics:
-                seen.add(outputs, targets, labelled)
-            bar.update(tally)
-            if _checkpoint_due(step, checkpoint_every, len(batches)):
-                totals = tally.partial(cluster.sum)  # every rank: the checkpoint holds all ranks' sums
-                cluster.on_main(state.save, path, epoch=epoch, step=step + 1, partial=totals)
-        bar.close()
-        tally.finish(cluster.sum)
-
-        # ---- epoch end: history row, model selection, checkpoint ----------------------------
-        current = balancer.weights()
-        row = {"epoch": epoch + 1, **_train_columns(tally, seen, heads, current, cluster)}
-        row |= _validation_columns(scored, data.validation, resolved, current, batch_size, amp)
-        row |= _epoch_columns(current, scheduler, t0, tally.skipped if on_nonfinite == "skip" else None)
-        state.rows.append(row)
-        trackers.log_epoch(row)
-        selector.update(row, scored)
-        if progress:
-            cluster.on_main(print, _summary(row, names), flush=True)
-        stop = _callbacks_stop(callbacks, row) or selector.should_stop(epoch + 1, patience)
-        cluster.on_main(state.save, path, epoch=epoch + 1, step=0, partial=tally.cleared())
-        if stop:
-            break
-        first, partial = 0, None
 
     def calibrate(best: MultiHeadNet) -> dict[str, dict[str, float]]:
         rows = data.validation if _is_validation(calibration) else calibration_rows
         settings = {"coverage": coverage, "interval": interval, "abstain": abstain, "inputs": data.input_column}
         return {} if rows is None else calibrate_net(best, rows, batch_size=batch_size, on_bad=on_bad, **settings)
 
-    result = _finish(state, scored, resolved, data.bad, cluster, run_dir, calibrate)
-    trackers.finish(result)  # after the run folder is written: its files are the trackers' artifacts
+    # ---- the loop ---------------------------------------------------------------------------
+    run = tracking.Run(options, run_dir, resumed=saved is not None, epoch=state.epoch)
+    with trackers.running(run):  # a run that raises is marked failed in the trackers, then the error goes on
+        first, partial = state.step, state.partial  # a resumed run starts mid-epoch: at this step, with these sums
+        for epoch in range(state.epoch, epochs):
+            t0 = time.perf_counter()
+            _start_epoch(state, epoch, trunk_params, frozen=epoch < freeze_trunk_epochs)
+            tally = EpochLosses(names, device, epoch=epoch, steps=len(batches), partial=partial, main=cluster.is_main)
+            seen = EpochOutputs(batches.rows_per_rank)
+            bar = _Bar(len(batches), first, epoch, epochs, progress and cluster.is_main)
+            for step, (x, targets, labelled) in enumerate(batches.epoch(epoch, first), start=first):
+                with amp.autocast():
+                    outputs, features = forward(x)
+                    head_losses = {n: resolved[n](outputs[n], targets[n], labelled[n]) for n in names}
+                values = tally.stack(head_losses)
+                # one host sync per step, the price of skipping; summed so that all ranks skip alike
+                if on_nonfinite == "skip" and cluster.any(~torch.isfinite(values)):
+                    tally.skipped += 1
+                    continue
+                opt.zero_grad(set_to_none=True)
+                balancer.backward(head_losses, features)
+                state.advance(amp)  # optimizer (through the grad scaler under fp16), schedule, weight average
+                tally.add(step, values, labelled)
+                if train_metrics:
+                    seen.add(outputs, targets, labelled)
+                bar.update(tally)
+                if _checkpoint_due(step, checkpoint_every, len(batches)):
+                    totals = tally.partial(cluster.sum)  # every rank: the checkpoint holds all ranks' sums
+                    cluster.on_main(state.save, path, epoch=epoch, step=step + 1, partial=totals)
+            bar.close()
+            tally.finish(cluster.sum)
+
+            # ---- epoch end: history row, model selection, checkpoint ------------------------
+            current = balancer.weights()
+            row = {"epoch": epoch + 1, **_train_columns(tally, seen, heads, current, cluster)}
+            row |= _validation_columns(scored, data.validation, resolved, current, batch_size, amp)
+            row |= _epoch_columns(current, scheduler, t0, tally.skipped if on_nonfinite == "skip" else None)
+            state.rows.append(row)
+            trackers.log_epoch(row)
+            selector.update(row, scored)
+            if progress:
+                cluster.on_main(print, _summary(row, names), flush=True)
+            stop = _callbacks_stop(callbacks, row) or selector.should_stop(epoch + 1, patience)
+            cluster.on_main(state.save, path, epoch=epoch + 1, step=0, partial=tally.cleared())
+            if stop:
+                break
+            first, partial = 0, None
+
+        result = _finish(state, scored, resolved, data.bad, cluster, run_dir, calibrate)
+        trackers.finish(result)  # after the run folder is written: its files are the trackers' artifacts
     return result
 
 

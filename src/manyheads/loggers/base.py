@@ -2,7 +2,8 @@
 
 fit calls every logger three times over a run: :meth:`Logger.start` once (the options, the run
 folder, whether it resumes), :meth:`Logger.log_epoch` with each epoch's history row, and
-:meth:`Logger.finish` with the result once the run folder is written. Only rank 0 logs under torchrun.
+:meth:`Logger.finish` with the result once the run folder is written; or :meth:`Logger.fail` with
+the exception that stopped training. Only rank 0 logs under torchrun.
 
     @register("printer")
     class Printer(Logger):
@@ -11,10 +12,12 @@ folder, whether it resumes), :meth:`Logger.log_epoch` with each epoch's history 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import numbers
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +77,9 @@ class Logger:
     def finish(self, result: TrainResult) -> None:
         """Training is over and the run folder (if any) holds the model, history and figures."""
 
+    def fail(self, error: BaseException) -> None:
+        """Training stopped with ``error`` (an exception, or Ctrl-C), which fit raises again after this."""
+
     @classmethod
     def add_files(cls, run_dir: Path, paths: list[Path]) -> None:
         """Files written into ``run_dir`` after the run finished (the test report), added to its tracker run."""
@@ -117,6 +123,32 @@ class Loggers:
     def finish(self, result: TrainResult) -> None:
         for logger in self.loggers:
             logger.finish(result)
+
+    @contextlib.contextmanager
+    def running(self, run: Run) -> Iterator[Loggers]:
+        """Start the loggers; if the block raises, tell each one (``fail``) before the error goes on.
+
+        with trackers.running(Run(options, run_dir)): ...train...; trackers.finish(result)
+        """
+        self.start(run)
+        try:
+            yield self
+        except BaseException as error:  # Ctrl-C too: a tracker must not show a dead run as running
+            for logger in self.loggers:
+                _tell_failed(logger, error)
+            raise
+
+
+def _tell_failed(logger: Any, error: BaseException) -> None:
+    """``logger.fail(error)`` where it has one; its own errors are warned about, never raised over ``error``."""
+    fail = getattr(logger, "fail", None)  # optional for logger objects: METHODS does not require it
+    if not callable(fail):
+        return
+    try:
+        fail(error)
+    except Exception as own:
+        warnings.warn(f"logger {type(logger).__name__}.fail raised {own!r} while fit was failing with {error!r}",
+                      stacklevel=3)  # fmt: skip
 
 
 def create(specs: Iterable[Any] | None, *, main: bool = True) -> Loggers:

@@ -102,6 +102,11 @@ class MLflow(Logger):
             self._artifacts(self.run.run_dir)
         self.client.set_terminated(self.run_id, "FINISHED")
 
+    def fail(self, error: BaseException) -> None:
+        # MLflow's own words: KILLED for a run stopped by hand, FAILED for one that crashed
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+
     def _artifacts(self, run_dir: Path) -> None:
         """The run folder's files (model, history, figures, summary, config), at their paths in it."""
         for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
@@ -110,7 +115,6 @@ class MLflow(Logger):
                 continue
             folder = relative.parent.as_posix()
             self.client.log_artifact(self.run_id, str(path), None if folder == "." else folder)
-
 
     @classmethod
     def add_files(cls, run_dir: Path, paths: list[Path]) -> None:

@@ -77,6 +77,9 @@ class TensorBoard(Logger):
             self._figures(self.run.run_dir)
         self.writer.close()
 
+    def fail(self, error: BaseException) -> None:
+        self.writer.close()  # the epochs logged so far are flushed to the event file
+
     def _figures(self, run_dir: Path) -> None:
         """Every PNG figure in the run folder (the learning curves, ...) as an image at the last step."""
         _add_images(self.writer, run_dir, sorted(run_dir.rglob("*.png")), self.step)
