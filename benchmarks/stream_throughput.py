@@ -103,7 +103,7 @@ def breakdown(args, pattern: str, device: torch.device) -> dict[str, float]:
     parsed = [shards.parse(r) for r in raw]
     t0 = time.perf_counter()
     for row in parsed:
-        images._decode(row["image"], args.size, "probe")
+        images.decode(row["image"], args.size, "probe")
     rates["decode"] = len(parsed) / (time.perf_counter() - t0)
     heads = make_net(args, 0).heads
     prepared = streams.prepare(streams.from_webdataset(pattern), None, heads, steps_per_epoch=max(1, len(raw) //
@@ -112,7 +112,7 @@ def breakdown(args, pattern: str, device: torch.device) -> dict[str, float]:
     t0 = time.perf_counter()
     n = sum(len(batch["keys"]) for batch in batches.collated(0))
     rates["pipeline"] = n / (time.perf_counter() - t0)
-    x = torch.stack([torch.from_numpy(images._decode(r["image"], args.size, "probe")) for r in parsed[: args.batch]])
+    x = torch.stack([torch.from_numpy(images.decode(r["image"], args.size, "probe")) for r in parsed[: args.batch]])
     x, augment, generator = x.to(device), images.Augment(), torch.Generator(device=device)
     steps = max(3, min(30, len(raw) // args.batch))
     common.sync(device)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> str:
     ]  # fmt: skip
     stages = [
         ["read the tar bytes alone (1 process)", parts["read"], f"{parts['read_mb']:.1f} MB in {args.probe} samples"],
-        [f"decode alone to {args.size} px (1 process)", parts["decode"], "images._decode, the cache's decoding"],
+        [f"decode alone to {args.size} px (1 process)", parts["decode"], "images.decode, the cache's decoding"],
         [f"the workers' pipeline alone ({args.workers} worker(s))", parts["pipeline"], "read, decode, encode, pass"],
         ["augment + normalise on the device alone", parts["augment"], f"{device}, batch {args.batch}"],
         ["training steps alone (the cache contender)", cache_rate, args.model],

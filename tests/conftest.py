@@ -1,8 +1,10 @@
+import io
 import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import manyheads as mh
@@ -72,6 +74,32 @@ def half_written_save(error: Exception):
         raise error
 
     return save
+
+
+# ---- images: tests/test_images_decode.py and tests/test_images_cache.py ----------------------------
+
+
+def picture(h=40, w=60, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def save(path, array, **kw):
+    Image.fromarray(array).save(path, **kw)
+    return path
+
+
+def bad_cases(tmp_path):
+    good = io.BytesIO()
+    Image.fromarray(picture(64, 64)).save(good, "JPEG")
+    (tmp_path / "half.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello, not a picture")
+    return {
+        tmp_path / "half.jpg": "truncated JPEG",
+        tmp_path / "empty.jpg": "zero-byte file",
+        tmp_path / "missing.jpg": "file not found",
+        tmp_path / "text.jpg": "not an image",
+    }
 
 
 @pytest.fixture

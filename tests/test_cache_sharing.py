@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(
 
     out, plan = sys.argv[1], json.loads(sys.argv[2])
     rank = int(os.environ["LOCAL_RANK"])
-    real = images._decode
+    real = images.decoding.decode
     step = {"name": ""}
 
 
@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent(
         return real(item, size, source)
 
 
-    images._decode = counted
+    images.decoding.decode = counted
     if plan.get("process_group"):  # as mh.fit runs: the process group is up; the cache build does not use it
         torch.distributed.init_process_group("gloo")
     paths = sorted(str(p) for p in open(plan["list"]).read().split())
@@ -249,7 +249,7 @@ def test_leftovers_of_a_killed_build_are_rebuilt_not_trusted(tmp_path, pictures,
         npy.write_bytes(npy.read_bytes()[:3000])
     else:  # a whole building file from a killed build, with garbage where pixels would be
         npy.with_suffix(".json").unlink()
-        building = images._temp_paths(cache, SIZE, "123-deadbeef")[0]
+        building = images.cache._temp_paths(cache, SIZE, "123-deadbeef")[0]
         building.write_bytes(npy.read_bytes()[:200] + b"\xff" * (npy.stat().st_size - 200))
     again = build_cache(paths, SIZE, cache_dir=cache, workers=1, progress=False)
     assert again.decoded == len(paths) and torch.equal(again.images, expected)
@@ -310,7 +310,7 @@ def test_processes_holding_different_arrays_never_share_a_build():
         return np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
 
     def name(items):
-        return images._work_name(items, SIZE, None, None, "split")
+        return images.cache._work_name(items, SIZE, None, None, "split")
 
     arrays, shard = [picture(i) for i in range(4)], [picture(0), picture(1), picture(2), picture(9)]  # one differs
     assert name([a.copy() for a in arrays]) == name(arrays)  # the same pictures: one build

@@ -184,7 +184,7 @@ def _write(wds, table, image_column, labels, temp, shard_size, max_size, on_bad,
 def _image_file(item: Any, position: int) -> tuple[bytes, str, str | None]:
     """(the image file's bytes, its extension, its path or None) of one table cell; decoded once to check it."""
     where = f"row {position}"
-    if imaging._is_image_dict(item):
+    if imaging.is_image_dict(item):
         item = item.get("bytes") if item.get("bytes") is not None else item.get("path")
     if isinstance(item, str | os.PathLike):
         path = Path(item)
@@ -195,7 +195,7 @@ def _image_file(item: Any, position: int) -> tuple[bytes, str, str | None]:
         except OSError as error:
             raise imaging.BadImageError(f"{where} ({path})", f"cannot read file ({error.strerror or error})") from None
         source, extension = str(path), path.suffix.lower().lstrip(".")
-    elif imaging._is_bytes(item):
+    elif imaging.is_bytes(item):
         data, source, extension = bytes(item), None, ""
     else:
         raise RowError(f"{where}: the image is a {type(item).__name__}, not a file path or an image file's bytes; "
@@ -204,7 +204,7 @@ def _image_file(item: Any, position: int) -> tuple[bytes, str, str | None]:
     if not data:
         raise imaging.BadImageError(described, "zero-byte file")
     try:  # decoded as the image cache decodes it (a file by its path: the same messages), so bad ones are named now
-        imaging._decode(source if source else data, _CHECK_SIZE, described)
+        imaging.decode(source if source else data, _CHECK_SIZE, described)
     except imaging.BadImageError as error:
         raise imaging.BadImageError(described, error.detail) from None
     if extension not in IMAGE_EXTENSIONS:

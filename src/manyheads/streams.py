@@ -398,7 +398,7 @@ class Encoder:
     def _input(self, value: Any, name: SampleKey, position: int, bad: dict | None) -> np.ndarray | None:
         try:
             if self.images:
-                return imaging._decode(value, self.image_size, str(name))  # the cache's own decoding
+                return imaging.decode(value, self.image_size, str(name))  # the cache's own decoding
             return np.asarray(value, dtype=np.float32)
         except (RowError, TypeError, ValueError) as error:
             if isinstance(error, RowError):

@@ -1,0 +1,223 @@
+"""Augmentation and normalisation of uint8 (or [0, 1] float) batches, on whatever device they are.
+
+Example: ``normalize(Augment(rotate=10)(x, generator))`` with ``x`` a uint8 [B, 3, H, W] batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GRAY = (0.299, 0.587, 0.114)
+_PADDINGS = ("reflection", "border", "zeros")
+_ERASE_FILLS = ("noise", "mean")
+_MAX_CROP_AREA = 4.0  # a window 4x the image's area: the face spans half the frame's side
+_BLUR_SIGMA = (0.1, 2.0)  # pixels at 128 px, scaled with the image's side
+_ERASE_AREA = (0.02, 0.2)  # as torchvision's RandomErasing
+_ERASE_RATIO = (0.3, 3.3)
+
+
+@dataclass(kw_only=True)
+class Augment:
+    """Per-sample random crop, flip, rotation and colour for a uint8 batch: ``Augment()(x, gen)``.
+
+    The crop picks an area fraction in ``crop_scale`` and an aspect ratio in ``ratio``, shifted
+    by up to ``translate`` of the image beyond the border. An area above 1 zooms out: the window
+    is larger than the image, so the face shrinks inside the frame (``Augment(crop_scale=(0.6, 1.4),
+    padding="border")``). ``padding`` fills what lies outside the image: "reflection" (mirror),
+    "border" (edge pixels) or "zeros". ``rotate`` turns by a uniform angle in [-rotate, rotate]
+    degrees; crop, flip and rotation are one ``affine_grid`` + ``grid_sample``. Jitter scales
+    brightness, contrast and saturation by factors in [1 - jitter, 1 + jitter]. Then, each with its
+    own probability per sample: ``grey`` (3 equal luma channels), ``blur`` (Gaussian, sigma in
+    [0.1, 2] px at 128 px, scaled with the image) and ``erase`` (one rectangle of 2-20 % of the area,
+    aspect 0.3-3.3, filled with uniform noise or the sample's channel means, ``erase_fill``).
+
+    ``crop_scale=None`` and ``rotate=0`` turn the affine step off; with ``flip=False``, ``jitter=0``
+    and no grey, blur or erase as well the call is just ``x / 255``. The new options are off by
+    default, and while off they draw nothing from the generator. Pass a generator on the batch's
+    device for reproducible draws. Returns float (float32 for uint8 input) in [0, 1].
+    """
+
+    # Its name from before images/ was a package: runs record it (validation.options_record), and old runs resume.
+    __module__ = "manyheads.images"
+
+    crop_scale: tuple[float, float] | None = (0.8, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    translate: float = 0.05
+    flip: bool = True
+    jitter: float = 0.1
+    padding: str = "reflection"
+    rotate: float = 0.0
+    grey: float = 0.0
+    blur: float = 0.0
+    erase: float = 0.0
+    erase_fill: str = "noise"
+
+    def __post_init__(self) -> None:
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= _MAX_CROP_AREA:
+            raise ValueError(
+                f"Augment's crop_scale must satisfy 0 < low <= high <= {_MAX_CROP_AREA:g} (area fractions; "
+                f"above 1 zooms out), got {self.crop_scale}"
+            )
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"Augment's jitter must be in [0, 1), got {self.jitter}")
+        if not 0 <= self.rotate <= 180:
+            raise ValueError(f"Augment's rotate must be in [0, 180] degrees, got {self.rotate}")
+        for name in ("grey", "blur", "erase"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"Augment's {name} must be a probability in [0, 1], got {getattr(self, name)}")
+        for name, choices in (("padding", _PADDINGS), ("erase_fill", _ERASE_FILLS)):
+            if getattr(self, name) not in choices:
+                allowed = ", ".join(map(repr, choices))
+                raise ValueError(f"Augment's {name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = _to_float(batch)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a batch [B, 3, H, W], got shape {tuple(x.shape)}")
+        b = x.shape[0]
+        u = torch.rand(b, 8, generator=generator, device=x.device, dtype=torch.float32)
+        # Drawn only when a newer option is on, so default runs keep their draws (and checkpoints their streams).
+        extra = self.rotate > 0 or self.grey > 0 or self.blur > 0 or self.erase > 0
+        v = torch.rand(b, 9, generator=generator, device=x.device, dtype=torch.float32) if extra else None
+        sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if self.flip else torch.ones_like(u[:, 4])
+        if self.crop_scale is not None or self.rotate > 0:
+            theta = self._theta(u, v, sign, x.shape[-1] / x.shape[-2])
+            grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode=self.padding, align_corners=False)
+        elif self.flip:
+            x = torch.where((sign < 0).view(b, 1, 1, 1), x.flip(-1), x)
+        if self.jitter > 0:
+            x = self._jitter(x, u[:, 5:8])
+        if v is not None:
+            x = self._grey_blur_erase(x, v, generator)
+        return x.clamp(0, 1)
+
+    def _theta(self, u: torch.Tensor, v: torch.Tensor | None, sign: torch.Tensor, aspect: float) -> torch.Tensor:
+        """[B, 2, 3] maps output to input coordinates: turn, flip, then the crop window and its shift."""
+        if self.crop_scale is not None:
+            lo, hi = self.crop_scale
+            area = lo + (hi - lo) * u[:, 0]
+            log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * u[:, 1]
+            # Normalised coordinates span 2 per image side, so half-width == side fraction. A side is
+            # capped at the image's while the area is at most 1; zoomed-out windows may exceed it.
+            cap = area.clamp(min=1.0)
+            w = torch.minimum((area * log_r.exp()).sqrt(), cap)
+            h = torch.minimum((area / log_r.exp()).sqrt(), cap)
+            # Zoomed in, the window roams inside the image; zoomed out, the image roams inside it.
+            cx = ((1 - w).abs() + 2 * self.translate) * (2 * u[:, 2] - 1)
+            cy = ((1 - h).abs() + 2 * self.translate) * (2 * u[:, 3] - 1)
+        else:
+            w = h = torch.ones_like(sign)
+            cx = cy = torch.zeros_like(sign)
+        zero = torch.zeros_like(w)
+        theta = torch.stack([torch.stack([w * sign, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+        if v is None or self.rotate == 0:
+            return theta
+        return _rotate(theta, math.radians(self.rotate) * (2 * v[:, 0] - 1), aspect)
+
+    def _jitter(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        f = (1 + self.jitter * (2 * u - 1)).to(x.dtype).view(x.shape[0], 3, 1, 1, 1)
+        gray_w = _constant(_GRAY, x.dtype, x.device).view(1, 3, 1, 1)
+        x = (x * f[:, 0]).clamp(0, 1)
+        mean = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        x = ((x - mean) * f[:, 1] + mean).clamp(0, 1)
+        gray = (x * gray_w).sum(1, keepdim=True)
+        return (x - gray) * f[:, 2] + gray
+
+    def _grey_blur_erase(self, x: torch.Tensor, v: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        b, _, height, width = x.shape
+        if self.grey > 0:
+            gray_w = _constant(_GRAY, x.dtype, x.device).view(1, 3, 1, 1)
+            grey = (x * gray_w).sum(1, keepdim=True).expand_as(x)
+            x = torch.where((v[:, 1] < self.grey).view(b, 1, 1, 1), grey, x)
+        if self.blur > 0:
+            scale = min(height, width) / 128
+            sigma = (_BLUR_SIGMA[0] + (_BLUR_SIGMA[1] - _BLUR_SIGMA[0]) * v[:, 3]) * scale
+            blurred = _gaussian_blur(x, sigma, radius=math.ceil(3 * _BLUR_SIGMA[1] * scale))
+            x = torch.where((v[:, 2] < self.blur).view(b, 1, 1, 1), blurred, x)
+        if self.erase > 0:
+            mask = _erase_mask(v[:, 5:9], height, width) & (v[:, 4] < self.erase).view(b, 1, 1)
+            if self.erase_fill == "noise":
+                fill = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+            else:
+                fill = x.mean((2, 3), keepdim=True).expand_as(x)
+            x = torch.where(mask.unsqueeze(1), fill, x)
+        return x
+
+
+def _rotate(theta: torch.Tensor, angle: torch.Tensor, aspect: float) -> torch.Tensor:
+    """``theta`` [B, 2, 3] with each sample first turned by its ``angle`` (radians): ``_rotate(theta, a, w / h)``.
+
+    The turn is in pixels, so a non-square image (``aspect`` = width / height) is not sheared.
+    """
+    cos, sin = angle.cos(), angle.sin()
+    turn = torch.stack([torch.stack([cos, -sin / aspect], 1), torch.stack([sin * aspect, cos], 1)], 1)
+    return torch.cat([theta[:, :, :2] @ turn.to(theta.dtype), theta[:, :, 2:]], 2)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Blur each sample of ``x`` [B, C, H, W] with its own ``sigma`` [B] (pixels): ``_gaussian_blur(x, s, 6)``.
+
+    Separable: two depthwise convolutions, reflection at the edges (as torchvision's gaussian_blur).
+    """
+    b, c, height, width = x.shape
+    radius = max(0, min(radius, height - 1, width - 1))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma.to(x.dtype).view(b, 1)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B * C, K]
+    y = F.pad(x.reshape(1, b * c, height, width), (radius, radius, 0, 0), mode="reflect")
+    y = F.conv2d(y, k.view(b * c, 1, 1, -1), groups=b * c)
+    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(y, k.view(b * c, 1, -1, 1), groups=b * c).view(b, c, height, width)
+
+
+def _erase_mask(v: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """One rectangle per sample as a bool mask [B, H, W], from 4 uniforms per sample: ``_erase_mask(u, 32, 32)``.
+
+    Area fraction in [0.02, 0.2] and aspect ratio (height / width) in [0.3, 3.3], log-uniform, as
+    torchvision's RandomErasing; sides are clipped to the image instead of redrawn.
+    """
+    area = (_ERASE_AREA[0] + (_ERASE_AREA[1] - _ERASE_AREA[0]) * v[:, 0]) * height * width
+    lo, hi = math.log(_ERASE_RATIO[0]), math.log(_ERASE_RATIO[1])
+    ratio = (lo + (hi - lo) * v[:, 1]).exp()
+    eh = (area * ratio).sqrt().round().clamp(1, height)
+    ew = (area / ratio).sqrt().round().clamp(1, width)
+    top = (v[:, 2] * (height - eh + 1)).floor()
+    left = (v[:, 3] * (width - ew + 1)).floor()
+    rows = torch.arange(height, device=v.device, dtype=v.dtype).view(1, -1)
+    cols = torch.arange(width, device=v.device, dtype=v.dtype).view(1, -1)
+    in_rows = (rows >= top.view(-1, 1)) & (rows < (top + eh).view(-1, 1))
+    in_cols = (cols >= left.view(-1, 1)) & (cols < (left + ew).view(-1, 1))
+    return in_rows.unsqueeze(2) & in_cols.unsqueeze(1)
+
+
+def _to_float(batch: torch.Tensor) -> torch.Tensor:
+    if batch.dtype == torch.uint8:
+        return batch.float().div(255)
+    if batch.is_floating_point():
+        return batch
+    raise TypeError(f"expected a uint8 or floating batch, got {batch.dtype}")
+
+
+def normalize(
+    batch: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """Channel-normalise a uint8 or [0, 1] float batch: ``normalize(Augment()(x))``."""
+    x = _to_float(batch)
+    m = _constant(tuple(mean), x.dtype, x.device).view(-1, 1, 1)
+    s = _constant(tuple(std), x.dtype, x.device).view(-1, 1, 1)
+    return (x - m) / s
+
+
+@functools.lru_cache(maxsize=32)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Made once per device: building it per batch is a blocking host-to-device copy on CUDA.
+    return torch.tensor(values, dtype=dtype, device=device)
