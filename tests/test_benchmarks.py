@@ -170,3 +170,74 @@ def test_stream_memory_quick_reports_resident_memory_over_the_run():
     row = next(row for row in table_rows(section) if row[0] == "training process")
     start, peak = float(row[1]), float(row[3])
     assert 0 < start <= peak and "20 steps of 32 (640 samples of a stream of 10000)" in section
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    """A joint run of two heads and one run per head, of one tiny config through `manyheads train`."""
+    import yaml
+
+    from manyheads.cli import main
+
+    root = tmp_path_factory.mktemp("compare-runs")
+    folder = root / "faces"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{rng.integers(1, 90)}_{i % 2}_0_2017{i:06d}.jpg.chip.jpg")
+    heads = {"age": {"kind": "regression", "loss": "mae"}, "gender": {"kind": "binary", "labels": ["male", "female"]}}
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"source": "utkface", "path": str(folder)}, "heads": heads,
+        "model": {"backbone": "mobilenet_v3_small", "pretrained": False, "image_size": 32},
+        "train": {"epochs": 2, "batch_size": 8, "augment": False}, "split": {"test": 0.25, "validation": 0.2},
+    }))  # fmt: skip
+    made = {}
+    for name, subset in {"joint": heads, "age": {"age": heads["age"]}, "gender": {"gender": heads["gender"]}}.items():
+        made[name] = root / name
+        assert main(["train", str(config), "--out", str(made[name]), "--quiet", f"heads={json.dumps(subset)}"]) == 0
+    return made
+
+
+def test_compare_runs_puts_finished_runs_side_by_side_as_compare_does(finished_runs, tmp_path):
+    import compare_runs
+
+    runs = finished_runs
+    section = compare_runs.main(["--joint", str(runs["joint"]), "--single", str(runs["age"]), "--single",
+                                 str(runs["gender"]), "--out", str(tmp_path / "cmp")])  # fmt: skip
+    table = compare_runs.pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert (tmp_path / "cmp" / "comparison.md").is_file() and (tmp_path / "cmp" / "comparison.png").is_file()
+    report = {name: json.loads((runs[name] / "metrics.json").read_text())["heads"] for name in runs}
+    mae = table[(table["head"] == "age") & (table["metric"] == "mae")].iloc[0]
+    assert mae["joint"] == pytest.approx(report["joint"]["age"]["metrics"]["mae"])
+    assert mae["single"] == pytest.approx(report["age"]["age"]["metrics"]["mae"])
+    rmse = table[(table["head"] == "age") & (table["metric"] == "rmse")].iloc[0]
+    assert rmse["joint"] != rmse["single"]  # tiny models: MAE may tie, RMSE does not
+    assert rmse["difference"] == pytest.approx(rmse["single"] - rmse["joint"])  # lower is better: > 0 = joint wins
+    accuracy = table[(table["head"] == "gender") & (table["metric"] == "accuracy")].iloc[0]
+    assert accuracy["difference"] == pytest.approx(accuracy["joint"] - accuracy["single"])
+    assert accuracy["singles_params"] > accuracy["joint_params"] > accuracy["single_params"]  # two trunks > one
+    rows = {(row[0], row[1]): row for row in table_rows(section) if len(row) == 8 and row[0] in ("age", "gender")}
+    assert set(rows) == {("age", "mae"), ("gender", "accuracy")}  # the primary metrics in the summary
+
+
+def test_compare_runs_refuses_runs_that_differ_naming_the_folder(finished_runs, tmp_path):
+    import compare_runs
+
+    runs = finished_runs
+    with pytest.raises(compare_runs.RunsDiffer, match=r"no single-head run of \['gender'\]"):
+        compare_runs.main(["--joint", str(runs["joint"]), "--single", str(runs["age"])])
+    with pytest.raises(compare_runs.RunsDiffer, match="a single-head run needs one of the joint run's heads"):
+        compare_runs.main(["--joint", str(runs["age"]), "--single", str(runs["joint"])])
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(runs["gender"], other)
+    config = other / "config.yaml"
+    config.write_text(config.read_text().replace("epochs: 2", "epochs: 3"))
+    with pytest.raises(compare_runs.RunsDiffer, match=f"{other}: config section 'train' differs"):
+        compare_runs.main(["--joint", str(runs["joint"]), "--single", str(runs["age"]), "--single", str(other)])
+    with pytest.raises(compare_runs.RunsDiffer, match=r"\['metrics.json'\] not found"):
+        (other / "metrics.json").unlink()
+        compare_runs.main(["--joint", str(runs["joint"]), "--single", str(other)])
