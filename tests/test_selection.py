@@ -1,3 +1,6 @@
+import copy
+import json
+
 import pytest
 import torch
 
@@ -67,3 +70,22 @@ def test_fit_keeps_each_heads_best_weights(table, tmp_path):
     assert saved.predict(x) == age_net.predict(x)
     with pytest.raises(ValueError, match="keep_best_per_head=True"):
         mh.fit(make_net(), table, epochs=1, progress=False).net_for("age")
+
+
+def test_each_heads_best_net_is_calibrated_on_its_own_weights(table, tmp_path):
+    train, validation = ({k: v[rows] for k, v in table.items()} for rows in (slice(0, 450), slice(450, None)))
+    result = mh.fit(
+        make_net(), train, validation=validation, epochs=5, lr=3e-2, seed=0, progress=False, keep_best_per_head=True,
+        calibration="validation", monitor="age/mae", run_dir=tmp_path,
+    )  # fmt: skip
+    race = result.best_per_head["race"]
+    assert race["epoch"] != result.best_epoch  # else the test shows nothing: the weights would be the same
+    own = result.net_for("race")
+    fitted = own.heads["race"].temperature
+    assert fitted == pytest.approx(race["calibration"]["race"]["temperature"])
+    assert fitted != pytest.approx(result.net.heads["race"].temperature)  # not the best epoch's temperature
+    again = copy.deepcopy(own)
+    assert mh.calibrate(again, validation)["race"]["temperature"] == pytest.approx(fitted)  # fitted on these weights
+    saved = json.loads((tmp_path / "summary.json").read_text())["calibration_per_head"]
+    assert saved["race"]["race"]["temperature"] == pytest.approx(fitted)
+    assert result.net_for("race") is not result.net_for("race")  # a copy each time

@@ -28,15 +28,24 @@ class TrainResult:
     monitor: str = "val/total/loss"
     skipped: list[BadRow] = field(default_factory=list)  # rows on_bad='skip' left out
     seed: int | None = None
-    best_per_head: dict[str, dict] = field(default_factory=dict)  # head -> {"epoch", "state"}
+    # head -> {"epoch", "state"}, and where fit calibrated {"calibration", "net"}: that net calibrated on its weights
+    best_per_head: dict[str, dict] = field(default_factory=dict)
     calibration: dict[str, dict] = field(default_factory=dict)  # head -> what calibrate() fitted ({}: none)
 
     def net_for(self, head: str) -> MultiHeadNet:
-        """A copy of the net at the best epoch for ``head`` (``fit(..., keep_best_per_head=True)``)."""
+        """A copy of the net at the best epoch for ``head`` (``fit(..., keep_best_per_head=True)``).
+
+        Where fit calibrated, the copy is calibrated on its own weights (``best_per_head[head]["calibration"]``).
+
+            age_net = result.net_for("age")
+        """
         if head not in self.best_per_head:
             raise ValueError(f"no best weights kept for head {head!r}; pass keep_best_per_head=True to fit")
+        best = self.best_per_head[head]
+        if "net" in best:
+            return copy.deepcopy(best["net"]).eval()
         net = copy.deepcopy(self.net)
-        net.load_state_dict(self.best_per_head[head]["state"])
+        net.load_state_dict(best["state"])
         return net.eval()
 
     def plot(self, path: str | Path | None = None):
@@ -61,6 +70,9 @@ class TrainResult:
             "losses": {name: loss.describe() for name, loss in self.losses.items()},
             "skipped": [row.as_dict() for row in self.skipped],
             "best_epoch_per_head": {head: best["epoch"] for head, best in self.best_per_head.items()},
+            "calibration_per_head": {
+                h: best["calibration"] for h, best in self.best_per_head.items() if "calibration" in best
+            },
             "calibration": self.calibration,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -13,6 +13,7 @@ and everything about ranks in :class:`~manyheads.distributed.Cluster`.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -531,12 +532,22 @@ def _finish(
     result = TrainResult(
         net=net.eval(), history=pd.DataFrame(state.rows), losses=resolved, best_epoch=selector.epoch,
         monitor=selector.name, skipped=bad, seed=state.seed,
-        best_per_head={h: {"epoch": b["epoch"], "state": b["state"]} for h, b in selector.head_best.items()},
-        calibration=calibrated,
+        best_per_head=_best_per_head(selector, net, calibrate if calibrated else None), calibration=calibrated,
     )  # fmt: skip
     if run_dir is not None:
         cluster.on_main(result.write, run_dir)
     return result
+
+
+def _best_per_head(selector: Selector, net: MultiHeadNet, calibrate: Callable[[MultiHeadNet], dict] | None) -> dict:
+    """Each head's best epoch and weights (keep_best_per_head); with a calibration, also that head's net
+    calibrated on those weights: a temperature fitted at another epoch does not fit them."""
+    kept = {h: {"epoch": b["epoch"], "state": b["state"]} for h, b in selector.head_best.items()}
+    for best in kept.values() if calibrate is not None else ():
+        own = copy.deepcopy(net)
+        own.load_state_dict(best["state"])
+        best["calibration"], best["net"] = calibrate(own), own.eval()
+    return kept
 
 
 def _progress(total: int, initial: int, epoch: int, epochs: int, enabled: bool):
