@@ -27,6 +27,7 @@ import yaml
 
 import manyheads as mh
 from manyheads import columns
+from manyheads.config import parse_config
 from manyheads.metrics import LOWER_IS_BETTER
 from manyheads.reports import summarize, write_comparison
 
@@ -56,7 +57,9 @@ def read_run(folder: str | Path) -> dict[str, Any]:
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise RunsDiffer(f"{folder}: {missing} not found; give run folders of finished `manyheads train` runs")
-    config = yaml.safe_load((folder / "config.yaml").read_text())
+    # parsed, then dumped: runs written by other versions compare by what they mean, not how they were written
+    config = parse_config(yaml.safe_load((folder / "config.yaml").read_text()), str(folder / "config.yaml"))
+    config = config.model_dump(mode="json")
     summary = json.loads((folder / "summary.json").read_text())
     history = pd.read_csv(folder / "history.csv")
     kept = history[history["epoch"] == summary["best_epoch"]].iloc[0] if summary.get("best_epoch") else history.iloc[-1]
