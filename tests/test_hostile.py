@@ -285,7 +285,9 @@ def test_decodes_are_bounded_by_a_semaphore(model, monkeypatch):
 def test_a_burst_of_near_limit_images_gives_its_memory_back(model):
     blob = big_png(6300, 6340)  # 39.9 megapixels, just under the default limit; about 120 KB
     over = big_png(6400, 6400)  # 41 megapixels
-    with serve_in_thread(create_app(model)) as url, httpx.Client(base_url=url, timeout=60) as client:
+    # 8 decodes of 40 megapixels can pass the default 10 s queue timeout on a loaded machine (503): not tested here
+    app = create_app(model, timeout_s=120)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=150) as client:
         assert post_image(client, big_png(64, 64)).status_code == 200  # warm up: threads, model, first request
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         before = resident_bytes()
