@@ -36,6 +36,17 @@ from torch import nn
 T = TypeVar("T")
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity on Linux, else the machine's count).
+
+    pool = ThreadPoolExecutor(usable_cpus())
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 @dataclass
 class Cluster:
     """Who this process is among its peers; a single process is rank 0 of 1."""

@@ -52,6 +52,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from manyheads import images
 from manyheads.batching import Batcher, QueueFull
+from manyheads.distributed import usable_cpus
 from manyheads.export import OnnxModel, export_onnx
 from manyheads.inference import raw_outputs
 from manyheads.net import MultiHeadNet, load, set_coverage
@@ -418,7 +419,7 @@ def create_app(
     metrics = Metrics()
     batcher = Batcher(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                       on_batch=metrics.batch.observe, on_depth=metrics.depth.set)  # fmt: skip
-    decodes = threading.BoundedSemaphore(max_decodes or _cpus())
+    decodes = threading.BoundedSemaphore(max_decodes or usable_cpus())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -491,13 +492,6 @@ def create_app(
     return app
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1, **kw: Any) -> None:
     """Run the service until interrupted: ``serve("runs/faces", port=8000)`` (``kw`` go to :func:`create_app`).
 
@@ -544,7 +538,7 @@ def _serve_workers(model: str | os.PathLike, host: str, port: int, workers: int,
         raise ValueError("serve(workers=N) needs a model file or run folder: each worker loads its own copy")
     _check_options(kw)
     path = _model_file(model)
-    threads = max(1, _cpus() // workers)
+    threads = max(1, usable_cpus() // workers)
     options = {"threads": threads, "max_decodes": threads, **kw, "model": str(path)}
     with tempfile.TemporaryDirectory(prefix="manyheads-serve-") as folder:
         _device(kw.get("device", "cpu"), "onnx" if path.suffix == ".onnx" or kw.get("backend") == "onnx" else "torch")

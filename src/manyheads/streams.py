@@ -57,6 +57,7 @@ import torch
 
 from manyheads import encoding, shards
 from manyheads import images as imaging
+from manyheads.distributed import usable_cpus
 from manyheads.heads import Head
 from manyheads.rows import BadRow, RowError
 from manyheads.shards import read_shards, write_shards
@@ -344,11 +345,7 @@ def of(data: Any) -> Stream | None:
 
 def default_workers() -> int:
     """DataLoader workers per process when ``workers=None``: this machine's cores over the processes on it."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 # ---- decoding and encoding samples (in the DataLoader workers) --------------------------------
