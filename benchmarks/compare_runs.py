@@ -27,6 +27,7 @@ import yaml
 
 import manyheads as mh
 from manyheads import columns
+from manyheads.compare import rows_of
 from manyheads.config import parse_config
 from manyheads.metrics import LOWER_IS_BETTER
 from manyheads.reports import summarize, write_comparison
@@ -57,18 +58,20 @@ def read_run(folder: str | Path) -> dict[str, Any]:
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         raise RunsDiffer(f"{folder}: {missing} not found; give run folders of finished `manyheads train` runs")
-    # parsed, then dumped: runs written by other versions compare by what they mean, not how they were written
-    config = parse_config(yaml.safe_load((folder / "config.yaml").read_text()), str(folder / "config.yaml"))
-    config = config.model_dump(mode="json")
+    parsed = parse_config(yaml.safe_load((folder / "config.yaml").read_text()), str(folder / "config.yaml"))
+    config = parsed.model_dump(mode="json")  # runs written by other versions compare by what they mean
     summary = json.loads((folder / "summary.json").read_text())
     history = pd.read_csv(folder / "history.csv")
     kept = history[history["epoch"] == summary["best_epoch"]].iloc[0] if summary.get("best_epoch") else history.iloc[-1]
     net = mh.load(folder / "model.safetensors")
+    report = json.loads((folder / "metrics.json").read_text())["heads"]
+    scores = {columns.name("test", head, metric): value for head, entry in report.items()
+              for metric, value in {**entry["metrics"], "labels": entry["labelled"]}.items()}  # fmt: skip
     return {
-        "folder": folder, "config": config, "heads": list(config["heads"]),
-        "test_rows": json.loads((folder / "split.json").read_text())["test_rows"],
-        "report": json.loads((folder / "metrics.json").read_text())["heads"],
-        "seconds": float(history["seconds"].sum()), "epochs": len(history), "kept": kept,
+        "folder": folder, "config": config, "heads": list(config["heads"]), "kinds": parsed.build_heads(),
+        "test_rows": json.loads((folder / "split.json").read_text())["test_rows"], "report": report,
+        # what compare.rows_of reads of a model, as mh.compare measures it
+        "scores": scores, "seconds": float(history["seconds"].sum()), "kept": kept,
         "params": sum(p.numel() for p in net.parameters()),
     }  # fmt: skip
 
@@ -118,23 +121,10 @@ def pair(joints: list[dict], singles: list[dict]) -> dict[int, tuple[dict, dict[
 
 
 def table_of(paired: dict[int, tuple[dict, dict[str, dict]]]) -> pd.DataFrame:
-    """The rows ``manyheads compare`` writes: one per seed, head and test metric (difference > 0: joint better)."""
+    """The rows ``manyheads compare`` writes, by its own code: per seed, head and test metric."""
     rows = []
     for seed, (joint, singles) in paired.items():
-        for head in joint["heads"]:
-            mine, theirs = joint["report"][head], singles[head]["report"][head]
-            for metric in mine["metrics"]:
-                higher = metric not in LOWER_IS_BETTER
-                a, b = mine["metrics"][metric], theirs["metrics"][metric]
-                rows.append({
-                    "head": head, "metric": metric, "strategy": STRATEGY, "seed": seed, "joint": a, "single": b,
-                    "difference": (a - b) if higher else (b - a), "higher_is_better": higher,
-                    "test_labels": mine["labelled"], "joint_seconds": joint["seconds"],
-                    "single_seconds": singles[head]["seconds"],
-                    "singles_seconds": sum(s["seconds"] for s in singles.values()), "joint_params": joint["params"],
-                    "single_params": singles[head]["params"],
-                    "singles_params": sum(s["params"] for s in singles.values()),
-                })  # fmt: skip
+        rows += rows_of(joint["kinds"], STRATEGY, seed, joint, singles, all_metrics=True)
     return pd.DataFrame(rows)
 
 
