@@ -211,10 +211,13 @@ def emit(section: str, write: bool, output: str | os.PathLike | None) -> None:
     if not write:
         return
     path = Path(output) if output else DEFAULT_OUTPUT
-    fresh = not path.exists() or path.stat().st_size == 0
+    before = path.read_text(encoding="utf-8") if path.exists() else ""
     with path.open("a", encoding="utf-8") as file:
-        if fresh:
+        if not before:
             file.write("# Benchmarks\n\nMeasured by the scripts in `benchmarks/`; each section says how.\n\n")
+        else:  # a hand-written section may end without its blank line: the heading would join its last list item
+            trailing = len(before) - len(before.rstrip("\n"))
+            file.write("\n" * max(0, 2 - trailing))
         file.write(section + "\n")
     print(f"appended to {path}", flush=True)
 

@@ -111,6 +111,11 @@ def test_emit_writes_the_title_once_and_appends_sections(tmp_path, capsys):
     common.emit("## two\n", True, output)
     text = output.read_text()
     assert text.count("# Benchmarks") == 1 and text.index("## one") < text.index("## two")
+    output.write_text(text + "- a hand-written note")  # no newline after it, let alone a blank line
+    common.emit("## three\n", True, output)
+    assert "- a hand-written note\n\n## three\n" in output.read_text()
+    common.emit("## four\n", True, output)  # after a section that ends in its blank line: none added
+    assert "## three\n\n## four\n" in output.read_text()
     assert common.table(["a", "b"], [[0.123456, float("nan")]]).splitlines()[-1] == "| 0.123 | n/a |"
 
 
