@@ -168,6 +168,20 @@ def test_stream_throughput_quick_compares_the_stream_with_the_cache_and_breaks_i
     assert "Command: `python benchmarks/stream_throughput.py --quick" in section
 
 
+def test_augment_speed_tiny_times_the_recipe_and_the_defaults_against_the_earlier_module():
+    import augment_speed
+
+    section = augment_speed.main(["--tiny"])
+    rows = {row[0]: row for row in table_rows(section)[1:]}
+    assert set(rows) == {"recipe (examples/utkface.yaml)", "defaults (Augment())"}
+    for row in rows.values():
+        assert float(row[2]) > 0 and 0 < float(row[5]) < 100
+    if augment_speed.earlier_module(augment_speed.BEFORE) is not None:  # a git checkout with its history
+        assert all(float(row[1]) > 0 and float(row[3]) > 0 for row in rows.values())
+    assert augment_speed.earlier_module("no-such-revision") is None
+    assert augment_speed.recipe_options()["erase"] > 0  # read from the committed recipe
+
+
 def test_stream_memory_quick_reports_resident_memory_over_the_run():
     import stream_memory
 

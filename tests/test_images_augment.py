@@ -66,6 +66,28 @@ def test_jitter_scales_brightness_per_sample():
     assert levels.min() >= 0.5 - 1e-5 and levels.max() <= 1.5 + 1e-5 and levels.std() > 0.1
 
 
+def test_jitter_is_brightness_contrast_then_saturation_per_sample():
+    x = batch(16, 12, 10)
+    u = torch.rand(16, 3, generator=torch.Generator().manual_seed(5))
+    out = Augment(jitter=0.4)._jitter(x.float() / 255, u)
+    # the textbook form, written out step by step: each factor in [0.6, 1.4], blended with grey
+    f = 1 + 0.4 * (2 * u - 1)
+    weights = torch.tensor(images.augment._GRAY).view(1, 3, 1, 1)
+    y = (x.float() / 255 * f[:, 0].view(-1, 1, 1, 1)).clamp(0, 1)
+    mean = (y * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    y = ((y - mean) * f[:, 1].view(-1, 1, 1, 1) + mean).clamp(0, 1)
+    luma = (y * weights).sum(1, keepdim=True)
+    expected = (y - luma) * f[:, 2].view(-1, 1, 1, 1) + luma
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("height, width", [(24, 24), (20, 36)])
+def test_affine_grid_is_torchs(height, width):
+    theta = torch.randn(8, 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.affine_grid(theta, [8, 3, height, width], align_corners=False)
+    assert torch.allclose(images.augment._affine_grid(theta, height, width), expected, atol=1e-6)
+
+
 def test_augment_in_range_and_deterministic():
     x = batch(16)
     aug = Augment()
@@ -137,6 +159,16 @@ def test_each_new_option_changes_the_batch_and_is_reproducible(name):
     assert not torch.equal(a, aug(x, torch.Generator().manual_seed(4)))
     assert not torch.equal(a, x.float() / 255)
     assert a.dtype == torch.float32 and 0 <= a.min() <= a.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["defaults", *NEW_OPTIONS])
+def test_augment_leaves_the_callers_float_batch_as_it_was(name):
+    x = batch(32).float() / 255
+    before = x.clone()
+    options = {} if name == "defaults" else {**ALL_OFF, **NEW_OPTIONS[name]}
+    for extra in ({}, {"crop_scale": None, "flip": False}):  # with and without the resampling step
+        out = Augment(**{**options, **extra})(x, torch.Generator().manual_seed(0))
+        assert torch.equal(x, before) and out.data_ptr() != x.data_ptr()
 
 
 def square(size=64, side=32):
