@@ -26,7 +26,6 @@ import torch
 import manyheads as mh
 from manyheads import images
 from manyheads.config import load_config
-from manyheads.datasets import UTKFACE_GENDERS, UTKFACE_RACES
 
 MODULE = "src/manyheads/images/augment.py"
 BEFORE = "01aef67"  # the last commit before augmentation worked on the chosen samples only
@@ -72,7 +71,7 @@ def recipe_options() -> dict:
 
 def step_seconds(size: int, batch: int, tiny: bool, device: torch.device, reps: int) -> float:
     """Median seconds of one training step of the flagship's three-head net on a normalised batch."""
-    heads = {"age": mh.Regression(), "gender": mh.Binary(UTKFACE_GENDERS), "race": mh.Categorical(UTKFACE_RACES)}
+    heads = common.flagship_heads()
     torch.manual_seed(0)
     backbone = "mobilenet_v3_small" if tiny else "mobilenet_v2"
     net = mh.MultiHeadNet(backbone, heads, image_size=size, pretrained=False).to(device)

@@ -20,9 +20,17 @@ from pathlib import Path
 
 import torch
 
+import manyheads as mh
+from manyheads.datasets import UTKFACE_GENDERS, UTKFACE_RACES
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "BENCHMARKS.md"
 DEFAULT_UTKFACE = ROOT.parent / "shared" / "data" / "utkface"
+
+
+def flagship_heads() -> dict:
+    """The flagship's heads, as the benchmarks build them: age regression, gender binary, race categorical."""
+    return {"age": mh.Regression(), "gender": mh.Binary(UTKFACE_GENDERS), "race": mh.Categorical(UTKFACE_RACES)}
 
 
 def device_of(name: str) -> torch.device:

@@ -61,8 +61,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def net(args: argparse.Namespace) -> mh.MultiHeadNet:
     if args.model == "cnn":
         trunk, _ = overhead.make_trunk("cnn", args.seed)
-        return mh.MultiHeadNet(trunk, overhead.heads(), image_size=args.size)
-    return mh.MultiHeadNet(args.model, overhead.heads(), image_size=args.size)  # named: channels-last, as users get
+        return mh.MultiHeadNet(trunk, common.flagship_heads(), image_size=args.size)
+    # a named backbone: channels-last, as users get
+    return mh.MultiHeadNet(args.model, common.flagship_heads(), image_size=args.size)
 
 
 def probe(args: argparse.Namespace) -> dict:

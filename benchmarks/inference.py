@@ -18,13 +18,8 @@ import common
 import torch
 
 import manyheads as mh
-from manyheads.datasets import UTKFACE_GENDERS, UTKFACE_RACES
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def heads() -> dict:
-    return {"age": mh.Regression(), "gender": mh.Binary(UTKFACE_GENDERS), "race": mh.Categorical(UTKFACE_RACES)}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -90,10 +85,11 @@ def main(argv: list[str] | None = None) -> str:
     rows = []
     for backbone in args.backbones:
         torch.manual_seed(args.seed)
-        multi = prepare(mh.MultiHeadNet(backbone, heads(), image_size=args.size), device, args.channels_last)
+        heads = common.flagship_heads()
+        multi = prepare(mh.MultiHeadNet(backbone, heads, image_size=args.size), device, args.channels_last)
         singles = [
             prepare(mh.MultiHeadNet(backbone, {name: head}, image_size=args.size), device, args.channels_last)
-            for name, head in heads().items()
+            for name, head in common.flagship_heads().items()
         ]
         for batch in args.batches:
             iters = args.iters or (max(10, 512 // batch) if device.type == "cuda" else max(2, 64 // batch))

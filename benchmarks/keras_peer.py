@@ -150,7 +150,7 @@ def keras_run(data: dict, args: argparse.Namespace, device: torch.device, seed: 
 def mh_run(data: dict, args: argparse.Namespace, device: torch.device, seed: int) -> tuple[list[float], dict]:
     """mh.fit on the same rows; seconds per epoch (validation included) and the last epoch's val metrics."""
     torch.manual_seed(seed)
-    heads = {"age": mh.Regression(), "gender": mh.Binary(UTKFACE_GENDERS), "race": mh.Categorical(UTKFACE_RACES)}
+    heads = common.flagship_heads()
     net = mh.MultiHeadNet("mobilenet_v2", heads, pretrained=False, image_size=args.size)
     result = mh.fit(
         net, data["train"]["table"], validation=data["val"]["table"], losses={"age": "mae"}, epochs=args.epochs,

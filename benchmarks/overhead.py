@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import manyheads as mh
-from manyheads.datasets import UTKFACE_GENDERS, UTKFACE_RACES
+from manyheads.datasets import UTKFACE_RACES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,11 +83,6 @@ def synthetic(n: int, size: int, seed: int = 0) -> Synthetic:
         gender=torch.randint(0, 2, (n,), generator=g).float(),
         race=torch.randint(0, len(UTKFACE_RACES), (n,), generator=g),
     )
-
-
-def heads() -> dict:
-    """The flagship heads: age regression, gender binary, race categorical."""
-    return {"age": mh.Regression(), "gender": mh.Binary(UTKFACE_GENDERS), "race": mh.Categorical(UTKFACE_RACES)}
 
 
 LOSSES = {"age": "mae"}  # gender and race keep their defaults, BCE and cross-entropy
@@ -194,7 +189,7 @@ def hand_written(model: HandNet, data: Synthetic, settings: Settings, epochs: in
 
 def mh_net(settings: Settings, seed: int) -> mh.MultiHeadNet:
     trunk, _ = make_trunk(settings.model, seed)
-    return mh.MultiHeadNet(trunk, heads(), image_size=settings.size)
+    return mh.MultiHeadNet(trunk, common.flagship_heads(), image_size=settings.size)
 
 
 def mh_fit(
@@ -249,7 +244,8 @@ def run_once(name: str, data: Synthetic, settings: Settings, epochs: int, device
 def probe(name: str, data: Synthetic, settings: Settings, epochs: int, device: torch.device, seed: int) -> dict:
     """Peak-RSS growth of this (fresh) process across one call of ``name``: data and model exist before."""
     trunk, features = make_trunk(settings.model, seed)
-    model = HandNet(trunk, features) if name == "hand" else mh.MultiHeadNet(trunk, heads(), image_size=settings.size)
+    heads = common.flagship_heads()
+    model = HandNet(trunk, features) if name == "hand" else mh.MultiHeadNet(trunk, heads, image_size=settings.size)
     import torchmetrics.functional.classification  # noqa: F401  a one-time import, not training memory
 
     gc.collect()
@@ -267,7 +263,7 @@ def tensor_peak(name: str, data: Synthetic, settings: Settings, epochs: int, dev
     if name == "hand":
         model = HandNet(trunk, features)
         return common.peak_tensor_mib(lambda: hand_written(model, data, settings, epochs, device))
-    net = mh.MultiHeadNet(trunk, heads(), image_size=settings.size)
+    net = mh.MultiHeadNet(trunk, common.flagship_heads(), image_size=settings.size)
     metrics = name == "mh_metrics"
     return common.peak_tensor_mib(
         lambda: mh_fit(net, data.table(), settings, epochs, device, seed=seed, train_metrics=metrics)

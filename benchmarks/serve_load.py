@@ -34,7 +34,6 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 import manyheads as mh
-from manyheads.datasets import UTKFACE_GENDERS, UTKFACE_RACES
 
 
 def photo(seed: int = 0, size: int = 200) -> bytes:
@@ -52,7 +51,7 @@ def model_file(args: argparse.Namespace, folder: Path) -> Path:
         path = Path(args.model)
         return path / "model.safetensors" if path.is_dir() else path
     torch.manual_seed(args.seed)
-    heads = {"age": mh.Regression(), "gender": mh.Binary(UTKFACE_GENDERS), "race": mh.Categorical(UTKFACE_RACES)}
+    heads = common.flagship_heads()
     return mh.MultiHeadNet(args.backbone, heads, image_size=args.image_size).save(folder / "model.safetensors")
 
 

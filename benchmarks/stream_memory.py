@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> str:
         layers += [torch.nn.Conv2d(channels, out, 3, stride=2, padding=1), torch.nn.ReLU()]
         channels = out
     trunk = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    heads = {"age": mh.Regression(), "gender": mh.Binary(UTKFACE_GENDERS), "race": mh.Categorical(UTKFACE_RACES)}
+    heads = common.flagship_heads()
     net = mh.MultiHeadNet(trunk, heads, image_size=args.size)
     stream = Generated(args.samples, args.size, args.seed)
     sampler = Sampler(args.every)

@@ -73,7 +73,7 @@ def faces(folder: Path, n: int, seed: int) -> Path:
 
 def make_net(args: argparse.Namespace, seed: int) -> mh.MultiHeadNet:
     torch.manual_seed(seed)
-    heads = {"age": mh.Regression(), "gender": mh.Binary(UTKFACE_GENDERS), "race": mh.Categorical(UTKFACE_RACES)}
+    heads = common.flagship_heads()
     if args.model == "cnn":
         layers, channels = [], 3
         for out in (32, 64, 128):
