@@ -231,23 +231,27 @@ def _erase_mask(v: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return in_rows.unsqueeze(2) & in_cols.unsqueeze(1)
 
 
-def _to_float(batch: torch.Tensor) -> torch.Tensor:
+def _float_dtype(batch: torch.Tensor) -> torch.dtype:
+    """The dtype a batch is worked on in: float32 for uint8, its own for a float batch; TypeError otherwise."""
     if batch.dtype == torch.uint8:
-        return batch.float().div(255)
+        return torch.float32
     if batch.is_floating_point():
-        return batch
+        return batch.dtype
     raise TypeError(f"expected a uint8 or floating batch, got {batch.dtype}")
+
+
+def _to_float(batch: torch.Tensor) -> torch.Tensor:
+    dtype = _float_dtype(batch)
+    return batch.to(dtype).div(255) if batch.dtype == torch.uint8 else batch
 
 
 def normalize(
     batch: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> torch.Tensor:
     """Channel-normalise a uint8 or [0, 1] float batch: ``normalize(Augment()(x))``."""
-    if not (batch.dtype == torch.uint8 or batch.is_floating_point()):
-        raise TypeError(f"expected a uint8 or floating batch, got {batch.dtype}")
+    dtype = _float_dtype(batch)
     # One pass: x * (1 / std) - mean / std, with uint8's 1 / 255 folded into the scale.
     to_unit = 1 / 255 if batch.dtype == torch.uint8 else 1.0
-    dtype = batch.dtype if batch.is_floating_point() else torch.float32
     scale = _constant(tuple(to_unit / s for s in std), dtype, batch.device).view(-1, 1, 1)
     shift = _constant(tuple(-m / s for m, s in zip(mean, std, strict=True)), dtype, batch.device).view(-1, 1, 1)
     return torch.addcmul(shift, batch.to(dtype), scale)
