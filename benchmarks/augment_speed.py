@@ -14,6 +14,7 @@ for the current code and for ``src/manyheads/images/augment.py`` as it was at ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -65,8 +66,7 @@ def earlier_module(revision: str):
 
 def recipe_options() -> dict:
     """The committed recipe's augmentation options, as fit receives them."""
-    augment = load_config(RECIPE).fit_kwargs()["augment"]
-    return {name: getattr(augment, name) for name in augment.__dataclass_fields__}
+    return dataclasses.asdict(load_config(RECIPE).fit_kwargs()["augment"])
 
 
 def step_seconds(size: int, batch: int, tiny: bool, device: torch.device, reps: int) -> float:
@@ -106,9 +106,8 @@ def main(argv: list[str] | None = None) -> str:
     device = common.device_of(args.device)
     before = earlier_module(args.against)
     generator = torch.Generator(device=device)
-    batch = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8)
-    batch = batch.to(device)
-    rows = []
+    batch = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8).to(device)
+    seconds = {}  # options -> (before, current), median seconds per batch
     for name, options in (("recipe (examples/utkface.yaml)", recipe_options()), ("defaults (Augment())", {})):
         contenders = {"current": (images.Augment(**options), images.normalize)}
         if before is not None:
@@ -121,12 +120,11 @@ def main(argv: list[str] | None = None) -> str:
                 normalize(augment(batch, generator))
                 if rep:
                     times[key].append(common.clock(device) - start)
-        now = common.median(times["current"])
         then = common.median(times["before"]) if before is not None else float("nan")
-        rows.append([name, 1000 * then, 1000 * now, now / then])
+        seconds[name] = (then, common.median(times["current"]))
     step = step_seconds(args.size, args.batch, args.tiny, device, max(3, args.reps // 3))
-    for row in rows:
-        row += [100 * row[1] / 1000 / (row[1] / 1000 + step), 100 * row[2] / 1000 / (row[2] / 1000 + step)]
+    rows = [[name, 1000 * then, 1000 * now, now / then, 100 * then / (then + step), 100 * now / (now + step)]
+            for name, (then, now) in seconds.items()]  # fmt: skip
     header = ["options", f"before ({args.against}), ms", "current, ms", "ratio", "share of a step before, %"]
     body = common.table([*header, "share now, %"], rows)
     notes = [
