@@ -171,6 +171,19 @@ def test_augment_leaves_the_callers_float_batch_as_it_was(name):
         assert torch.equal(x, before) and out.data_ptr() != x.data_ptr()
 
 
+@pytest.mark.parametrize("name", ["grey", "blur", "erase", "erase_mean"])
+def test_the_masked_path_of_accelerators_gives_the_chosen_samples_path_of_the_cpu(name, monkeypatch):
+    x = batch(32)
+    aug = Augment(**{**ALL_OFF, **NEW_OPTIONS[name]})
+    subset = aug(x, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(images.augment, "_SUBSET_DEVICES", ())  # the CPU takes the accelerators' path
+    masked = aug(x, torch.Generator().manual_seed(3))
+    if name == "erase":  # the same rectangles; their noise is drawn for the whole batch there
+        assert torch.equal(subset != x.float() / 255, masked != x.float() / 255)
+    else:
+        assert torch.allclose(subset, masked, atol=1e-6) and not torch.equal(subset, x.float() / 255)
+
+
 def square(size=64, side=32):
     img = torch.zeros(1, 3, size, size)
     lo = (size - side) // 2

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,30 +136,48 @@ class Augment:
         return torch.addcmul(_luma(x) * (1 - f[:, 2]), x, f[:, 2], out=x)
 
     def _grey_blur_erase(self, x: torch.Tensor, v: torch.Tensor, generator: torch.Generator | None) -> None:
-        """In place, on the chosen samples only (a tenth or a quarter of the batch, not all of it)."""
+        """In place, on the samples drawn for each (see :func:`_on_chosen`)."""
         _, _, height, width = x.shape
-        if self.grey > 0 and (pick := _chosen(v[:, 1] < self.grey)) is not None:
-            x.index_copy_(0, pick, _luma(x.index_select(0, pick)).expand(-1, 3, -1, -1))
-        if self.blur > 0 and (pick := _chosen(v[:, 2] < self.blur)) is not None:
+        if self.grey > 0:
+            _on_chosen(x, v[:, 1] < self.grey, lambda chosen, rows: _luma(chosen).expand_as(chosen))
+        if self.blur > 0:
             scale = min(height, width) / 128
-            sigma = (_BLUR_SIGMA[0] + (_BLUR_SIGMA[1] - _BLUR_SIGMA[0]) * v[pick, 3]) * scale
+            sigma = (_BLUR_SIGMA[0] + (_BLUR_SIGMA[1] - _BLUR_SIGMA[0]) * v[:, 3]) * scale
             radius = math.ceil(3 * _BLUR_SIGMA[1] * scale)
-            x.index_copy_(0, pick, _gaussian_blur(x.index_select(0, pick), sigma, radius))
-        if self.erase > 0 and (pick := _chosen(v[:, 4] < self.erase)) is not None:
-            mask = _erase_mask(v[pick, 5:9], height, width).unsqueeze(1)
-            chosen = x.index_select(0, pick)
-            if self.erase_fill == "noise":
-                fill = torch.rand(chosen.shape, generator=generator, device=x.device, dtype=torch.float32)
-                fill = fill.to(x.dtype)
-            else:
-                fill = chosen.mean((2, 3), keepdim=True).expand_as(chosen)
-            x.index_copy_(0, pick, torch.where(mask, fill, chosen))
+            _on_chosen(x, v[:, 2] < self.blur, lambda chosen, rows: _gaussian_blur(chosen, sigma[rows], radius))
+        if self.erase > 0:
+
+            def erase(chosen: torch.Tensor, rows: Any) -> torch.Tensor:
+                mask = _erase_mask(v[rows, 5:9], height, width).unsqueeze(1)
+                if self.erase_fill == "noise":
+                    fill = torch.rand(chosen.shape, generator=generator, device=x.device, dtype=torch.float32)
+                    fill = fill.to(x.dtype)
+                else:
+                    fill = chosen.mean((2, 3), keepdim=True).expand_as(chosen)
+                return torch.where(mask, fill, chosen)
+
+            _on_chosen(x, v[:, 4] < self.erase, erase)
 
 
-def _chosen(flags: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the samples whose flag is set, or None for none (one host sync on CUDA)."""
-    pick = flags.nonzero().squeeze(1)
-    return pick if len(pick) else None
+# Devices where grey, blur and erase work on their chosen samples only. Counting them is a host
+# sync, which the CPU does not mind; on an accelerator it would stall the queue in every step, so
+# there the whole batch is transformed (cheap on a GPU) and a mask keeps the chosen samples.
+_SUBSET_DEVICES = ("cpu",)
+
+
+def _on_chosen(x: torch.Tensor, flags: torch.Tensor, transform: Callable[[torch.Tensor, Any], torch.Tensor]) -> None:
+    """Replace, in place, the samples of ``x`` whose flag is set by ``transform(samples, rows)``.
+
+    ``rows`` indexes per-sample parameters alike on both paths: the chosen rows, or all of them.
+
+        _on_chosen(x, v < 0.1, lambda chosen, rows: chosen.flip(-1))
+    """
+    if x.device.type not in _SUBSET_DEVICES:
+        x.copy_(torch.where(flags.view(-1, 1, 1, 1), transform(x, slice(None)), x))
+        return
+    rows = flags.nonzero().squeeze(1)
+    if len(rows):
+        x.index_copy_(0, rows, transform(x.index_select(0, rows), rows))
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
