@@ -292,9 +292,11 @@ def test_serve_refuses_a_bad_or_busy_port_in_one_line(trained, capsys):
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     try:
-        for port, words in (("99999", "port 99999 is not a port number: give one from 1 to 65535"),
-                            ("0", "from 1 to 65535"),
-                            (str(busy.getsockname()[1]), f"port {busy.getsockname()[1]} on 127.0.0.1 is in use")):
+        for port, words in (
+            ("99999", "port 99999 is not a port number: give one from 1 to 65535"),
+            ("0", "from 1 to 65535"),
+            (str(busy.getsockname()[1]), f"port {busy.getsockname()[1]} on 127.0.0.1 is in use"),
+        ):
             code, out, err = run_cli(capsys, "serve", trained["run"], "--port", port)
             assert code == 2 and err.startswith("manyheads: error: ") and words in err, err
             assert err.count("\n") == 1 and "Traceback" not in err

@@ -184,7 +184,8 @@ def test_truncated_bytes_are_bad_rows(tmp_path):
     cut, header = whole.getvalue()[: len(whole.getvalue()) // 2], whole.getvalue()[:30]  # in the pixels, the header
     cache = build_cache([whole.getvalue(), cut, header], 16, workers=1, progress=False, on_bad="skip")
     assert cache.kept.tolist() == [0] and [(b.row, b.source, b.reason) for b in cache.bad] == [
-        (1, "item 1", "truncated JPEG"), (2, "item 2", "truncated image")
+        (1, "item 1", "truncated JPEG"),
+        (2, "item 2", "truncated image"),
     ]
 
 

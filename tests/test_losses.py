@@ -20,8 +20,8 @@ def test_override_and_weights_resolve():
         ({"age": "nope"}, None, "unknown loss 'nope' for head 'age'; available"),
         ({"age": "cross_entropy"}, None, "does not fit head 'age'"),
         (None, {"age": -1}, "the weight of head 'age' must be a finite number >= 0; got -1"),
-            (None, {"age": float("nan")}, "the weight of head 'age' must be a finite number >= 0; got nan"),
-            (None, {"age": float("inf")}, "the weight of head 'age' must be a finite number >= 0; got inf"),
+        (None, {"age": float("nan")}, "the weight of head 'age' must be a finite number >= 0; got nan"),
+        (None, {"age": float("inf")}, "the weight of head 'age' must be a finite number >= 0; got inf"),
     ],
 )
 def test_bad_loss_specs(losses, weights, message):

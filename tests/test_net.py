@@ -120,8 +120,10 @@ def _with(spec, **changes):
         (lambda s: [], "a list, not a mapping"),
         (lambda s: {}, "'heads' field"),
         (lambda s: _with(s, heads={"age": s["heads"]["age"]}), "do not fit the net"),  # a head fewer
-        (lambda s: _with(s, heads={**s["heads"], "race": {"kind": "categorical", "labels": ["a", "b"]}}),
-         "do not fit the net"),  # labels of the wrong length
+        (
+            lambda s: _with(s, heads={**s["heads"], "race": {"kind": "categorical", "labels": ["a", "b"]}}),
+            "do not fit the net",
+        ),  # labels of the wrong length
         (lambda s: _with(s, heads={**s["heads"], "race": {"kind": "shape"}}), "unknown head kind 'shape'"),
         (lambda s: _with(s, heads={"../../etc/x": s["heads"]["age"]}), "head name '../../etc/x' is not allowed"),
         (lambda s: _with(s, backbone="resnet999"), "unknown backbone 'resnet999'"),

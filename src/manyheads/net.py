@@ -338,8 +338,10 @@ def load(path: str | os.PathLike, *, trunk: nn.Module | None = None, device: str
         raise ValueError(f"{path}: the weights do not fit the net its spec describes ({' '.join(first)})") from None
     for name, layer in net.head_layers.items():  # lazy layers take any shape a file gives them: compare
         if layer.linear.weight.shape[0] != net.heads[name].out_features:
-            raise ValueError(f"{path}: the weights do not fit the net its spec describes (head {name!r} has "
-                             f"{layer.linear.weight.shape[0]} outputs, its spec {net.heads[name].out_features})")
+            raise ValueError(
+                f"{path}: the weights do not fit the net its spec describes (head {name!r} has "
+                f"{layer.linear.weight.shape[0]} outputs, its spec {net.heads[name].out_features})"
+            )
     broken = [key for key, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if broken:
         raise ValueError(f"{path}: the weights hold NaN or inf (in {broken[:3]}); this model cannot answer. "

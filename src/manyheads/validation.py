@@ -425,8 +425,11 @@ FIT_CONSTRAINTS: dict[str, Constraint] = {
     "loggers": Optional(ListOf(LOGGER)),
     "calibration": Optional(
         AnyOf(  # the table first: "validation" in [...] would compare a DataFrame elementwise
-            Predicate(lambda v: not isinstance(v, str | bool | int | float), "a table of labelled rows",
-                      kind=lambda v: not isinstance(v, str | bool | int | float)),
+            Predicate(
+                lambda v: not isinstance(v, str | bool | int | float),
+                "a table of labelled rows",
+                kind=lambda v: not isinstance(v, str | bool | int | float),
+            ),
             OneOf(["validation"]),
             Interval(0, 1, closed="neither", what="a fraction of the training rows"),
         )

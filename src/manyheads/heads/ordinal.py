@@ -59,7 +59,6 @@ class Ordinal(Categorical):
         """Predicted class index: the number of thresholds passed."""
         return (self._above(output) > 0.5).sum(dim=1)
 
-
     def proba(self, output: torch.Tensor) -> torch.Tensor:
         above = self._above(output)
         ones, zeros = torch.ones_like(above[:, :1]), torch.zeros_like(above[:, :1])
