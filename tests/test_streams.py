@@ -217,6 +217,28 @@ def test_a_hugging_face_iterable_dataset_trains_and_a_stream_needs_steps_per_epo
         mh.fit(net, {"image": images, "age": list(range(40)), "race": ["a"] * 40}, steps_per_epoch=3, progress=False)
 
 
+class WithoutAges(Generated):
+    """``Generated``'s samples with every age missing: a head that no sample labels."""
+
+    def __iter__(self):
+        for sample in super().__iter__():
+            yield {**sample, "age": None}
+
+
+def test_a_head_that_no_sample_labels_is_refused_or_if_allowed_the_others_train():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net = mh.MultiHeadNet(trunk, {"age": mh.Regression(), "race": mh.Categorical(RACES)}, image_size=8)
+    with pytest.raises(ValueError, match=r"head\(s\) \['age'\] have no labelled sample in the first samples of "
+                       r"the stream \(60 samples\).*pass stats= a table of labels"):  # fmt: skip
+        mh.fit(net, WithoutAges(60), steps_per_epoch=2, batch_size=8, workers=0, progress=False)
+    with pytest.warns(UserWarning, match=r"head\(s\) \['age'\] have no labelled sample"):
+        result = mh.fit(net, WithoutAges(60), steps_per_epoch=2, epochs=1, batch_size=8, workers=0, progress=False,
+                        allow_unlabelled_heads=True)  # fmt: skip
+    assert result.history["train/age/labels"].tolist() == [0]
+    assert 0 < result.history["train/race/labels"][0] <= 2 * 8  # the other head trains
+
+
 def imaging_png(pixels: np.ndarray) -> bytes:
     import io
 
