@@ -177,6 +177,13 @@ class Generated(torch.utils.data.IterableDataset):
             yield {"image": image, "age": float(image.mean()), "race": RACES[i % 3] if i % 7 else None}
 
 
+def generated_net() -> mh.MultiHeadNet:
+    """A small net for ``Generated``'s samples (8 px): an age and a race head, seeded: ``generated_net()``."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return mh.MultiHeadNet(trunk, {"age": mh.Regression(), "race": mh.Categorical(RACES)}, image_size=8)
+
+
 def resident_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -184,10 +191,7 @@ def resident_mib() -> float:
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc")
 def test_a_million_sample_stream_trains_in_flat_memory():
     stream = Generated(1_000_000)
-    torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    net = mh.MultiHeadNet(trunk, {"age": mh.Regression(), "race": mh.Categorical(RACES)}, image_size=8)
-    result = mh.fit(net, stream, steps_per_epoch=300, epochs=1, batch_size=32, workers=0, progress=False)
+    result = mh.fit(generated_net(), stream, steps_per_epoch=300, epochs=1, batch_size=32, workers=0, progress=False)
     assert result.history["train/age/labels"].tolist() == [300 * 32]
     start = stream.rss[0]  # the first sample read: the statistics' (5000 samples), then training's
     assert max(stream.rss) - start < 200, f"resident memory grew from {start:.0f} to {max(stream.rss):.0f} MiB"
@@ -226,9 +230,7 @@ class WithoutAges(Generated):
 
 
 def test_a_head_that_no_sample_labels_is_refused_or_if_allowed_the_others_train():
-    torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    net = mh.MultiHeadNet(trunk, {"age": mh.Regression(), "race": mh.Categorical(RACES)}, image_size=8)
+    net = generated_net()
     with pytest.raises(ValueError, match=r"head\(s\) \['age'\] have no labelled sample in the first samples of "
                        r"the stream \(60 samples\).*pass stats= a table of labels"):  # fmt: skip
         mh.fit(net, WithoutAges(60), steps_per_epoch=2, batch_size=8, workers=0, progress=False)
